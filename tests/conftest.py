@@ -1,0 +1,43 @@
+"""Shared test setup: offline, single-threaded, seeded; session-scoped tiny artefacts built once."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Granite Speech checkpoint dir (HF format + offline BPE tokenizer)."""
+    from nemo_grpo.policy.tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny_granite_speech")
+    make_tiny(str(out), seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def toy_corpus_dir(tmp_path_factory):
+    """Small espeak-ng corpora in the real LibriSQA and CoVoST2 formats (see nemo_grpo.data.toy)."""
+    from nemo_grpo.data.toy import make_toy_corpora
+
+    out = tmp_path_factory.mktemp("toy_corpora")
+    make_toy_corpora(str(out), seed=0, num_qa=24, num_st=24)
+    return str(out)
