@@ -135,6 +135,33 @@ class Policy(Protocol):
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         ...
 
+    # --- training side: the policy owns its model AND optimizer, so recipes never branch on the backend ---------
+    # (megatron wraps its model in its DDP and uses its distributed optimizer; HF uses torch AdamW + all-reduce).
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) of this process in the data-parallel group; (0, 1) when not distributed."""
+        ...
+
+    def configure_optimizer(
+        self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, max_grad_norm: float
+    ) -> None:
+        """Create the AdamW optimizer over ``trainable_parameters()``."""
+        ...
+
+    def optimizer_step(self, lr: float) -> float:
+        """Reduce gradients over data-parallel ranks, clip to max_grad_norm, step at ``lr``, zero grads.
+
+        Returns the global gradient norm before clipping."""
+        ...
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """Write model + optimizer state into ``ckpt_dir`` (collective under distributed; caller makes it atomic)."""
+        ...
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        """Inverse of ``save_checkpoint`` (model + optimizer)."""
+        ...
+
     def train(self, mode: bool = True) -> Any:
         """Train mode for the trainable parts; a frozen encoder stays in eval (BatchNorm statistics)."""
         ...
