@@ -1,0 +1,283 @@
+"""The GRPO / DAPO policy loss (paper Eqs. 2-3) with mixed-policy (Section 3.2) support and k3 KL to a reference.
+
+Shape legend: N completions in this micro-batch, T completion tokens (padded).
+
+Per token (i, t) with advantage A_i (one per completion):
+
+    on-policy  (sampled by pi_old):   s = exp(logp - old_logp)
+                                      l = min(s * A, clip(s, 1 - epsilon, 1 + epsilon_high) * A)      Eq. 2
+    off-policy (the injected reference, pi_phi = 1, LUFFY):
+                                      s = f(pi_theta) = f(exp(logp)),  f(p) = p / (p + gamma) if shaping else p
+                                      l = s * A   (no clipping unless ``clip_off_policy``)             Eq. 4
+    KL (every counted token):         k = exp(ref_logp - logp) - (ref_logp - logp) - 1                 (k3)
+    per-token loss:                   -(l - beta * k)
+
+Aggregation (``loss_type``):
+    "dapo" (paper Eq. 3, default): sum of per-token losses over every counted token / ``normalizer``, where
+           ``normalizer`` is the number of counted tokens of the WHOLE group batch (all micro-batches, all
+           data-parallel ranks; ``token_normalizer`` gives the local part to all-reduce).
+    "grpo" (DeepSeekMath / TRL "grpo"): per-sequence token mean, summed over sequences / ``normalizer`` = the
+           number of sequences of the whole batch (``sequence_normalizer``; empty rows count, as in TRL).
+Because the normaliser is global, summing ``loss.backward()`` over micro-batches gives exactly the gradient of one
+pass over the whole batch (tested), and an all-reduce SUM of gradients over data-parallel ranks does the rest.
+
+Several policy updates per rollout batch (mu > 1): ``old_logp`` is the log-prob under the policy that sampled
+(stored at rollout time, e.g. ``Completions.logprobs``) and stays fixed for all mu updates; ``logp`` is recomputed
+with grad at every update. At the first update ``logp == old_logp`` numerically, so s = 1, nothing is clipped, and
+the gradient is the plain policy gradient ``-A * grad(logp)`` (plus the KL term).
+
+Masked-out tokens (mask False) contribute exactly 0 to the loss AND the gradient, whatever garbage logp/old_logp
+hold there (their log-ratio is replaced by 0 before exp, so no inf * 0 = NaN).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "LossConfig",
+    "LossOutput",
+    "grpo_loss",
+    "kl_k3",
+    "token_normalizer",
+    "sequence_normalizer",
+    "loss_normalizer",
+    "microbatch_slices",
+    "reduce_metrics",
+]
+
+LOSS_TYPES = ("dapo", "grpo")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss hyper-parameters. Defaults follow the paper (Eq. 2 symmetric clip 0.2, beta 0.02, DAPO aggregation).
+
+    epsilon:       lower clip, ratio floor 1 - epsilon.
+    epsilon_high:  upper clip, ratio ceiling 1 + epsilon_high (DAPO's clip-higher uses 0.28).
+    beta:          k3-KL weight; 0 disables the KL term and ``ref_logp`` is then not needed at all.
+    loss_type:     "dapo" (token-level, Eq. 3) or "grpo" (sequence mean then mean over sequences).
+    off_policy_shaping_gamma: None = off-policy ratio pi_theta; a float gamma > 0 = LUFFY policy shaping
+                   f(p) = p / (p + gamma) (LUFFY uses 0.1).
+    clip_off_policy: apply the same min/clip to the off-policy ratio (LUFFY and the paper: False).
+    """
+
+    epsilon: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.02
+    loss_type: Literal["dapo", "grpo"] = "dapo"
+    off_policy_shaping_gamma: float | None = None
+    clip_off_policy: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high < 0.0:
+            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.beta < 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        g = self.off_policy_shaping_gamma
+        if g is not None and not g > 0.0:
+            raise ValueError(f"off_policy_shaping_gamma must be > 0 or None, got {g}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LossConfig":
+        """Build from a config mapping; unknown keys raise ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown loss config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar tensor to ``backward()`` (already divided by the global normaliser).
+
+    metrics: detached scalar tensors (no ``.item()``: the caller syncs once). Keys ``{on,off}/<name>``:
+        num_tokens    counted tokens of that kind in this micro-batch (weights for the means below)
+        policy_loss   mean of -l over those tokens
+        kl            mean k3 KL over those tokens (0 when beta == 0 and no ref_logp is given)
+        clip_low      fraction of tokens whose lower clip is active (s < 1 - epsilon and A < 0)
+        clip_high     fraction whose upper clip is active (s > 1 + epsilon_high and A > 0); both 0 for
+                      off-policy tokens unless ``clip_off_policy``
+        ratio_mean    mean s (off-policy: the possibly shaped pi_theta); ``ratio_max`` is a max (-inf if none)
+        entropy       mean entropy, only when ``entropy`` is given
+    plus ``num_sequences`` and ``loss`` (this micro-batch's contribution). Combine micro-batches with
+    ``reduce_metrics``.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0. [N, T] -> [N, T]."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def token_normalizer(mask: torch.Tensor) -> torch.Tensor:
+    """Local "dapo" normaliser: the number of counted tokens in ``mask`` [N, T] (float scalar).
+
+    Sum it over every micro-batch of the group batch and all-reduce (SUM) over data-parallel ranks BEFORE the
+    first ``grpo_loss`` call of the batch."""
+    return mask.sum().to(torch.float32)
+
+
+def sequence_normalizer(mask: torch.Tensor) -> torch.Tensor:
+    """Local "grpo" normaliser: the number of sequences (rows of ``mask`` [N, T], empty ones included)."""
+    return torch.tensor(float(mask.shape[0]))
+
+
+def loss_normalizer(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """``token_normalizer`` for "dapo", ``sequence_normalizer`` for "grpo"."""
+    if loss_type == "dapo":
+        return token_normalizer(mask)
+    if loss_type == "grpo":
+        return sequence_normalizer(mask)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def microbatch_slices(n: int, micro_batch_size: int) -> list[slice]:
+    """Row slices covering ``range(n)`` in chunks of ``micro_batch_size`` (the last may be shorter).
+
+    With the global normaliser, ``sum(grpo_loss(x[s], ...).loss for s in slices)`` has the full-batch gradient."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return [slice(i, min(i + micro_batch_size, n)) for i in range(0, n, micro_batch_size)]
+
+
+def _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg) -> None:
+    n_t = tuple(logp.shape)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [N, T], got {n_t}")
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+        if t is not None and tuple(t.shape) != n_t:
+            raise ValueError(f"{name} must have shape {n_t} like logp, got {tuple(t.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool (True = token counts), got {mask.dtype}")
+    if tuple(advantages.shape) != n_t[:1]:
+        raise ValueError(f"advantages must be [N] = {n_t[:1]}, got {tuple(advantages.shape)}")
+    if off_policy is not None and (tuple(off_policy.shape) != n_t[:1] or off_policy.dtype != torch.bool):
+        raise ValueError(f"off_policy must be bool [N] = {n_t[:1]}, got {off_policy.dtype} {tuple(off_policy.shape)}")
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta > 0")
+
+
+def _masked_mean(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    return torch.where(sel, x, 0).sum() / sel.sum().clamp(min=1)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    normalizer: float | torch.Tensor,
+    cfg: LossConfig,
+    ref_logp: torch.Tensor | None = None,
+    off_policy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> LossOutput:
+    """Clipped GRPO/DAPO loss of one micro-batch (see the module docstring for the formulas).
+
+    Args:
+        logp:       [N, T] log pi_theta of the completion tokens, WITH grad.
+        old_logp:   [N, T] log pi_old stored at rollout time (no grad); ignored for off-policy rows.
+        advantages: [N] one advantage per completion (``group_advantages(...).flatten()``).
+        mask:       [N, T] bool, True = the token counts (eos included, padding and overlong-masked rows excluded).
+        normalizer: global token count ("dapo") or sequence count ("grpo") of the whole batch, > 0 (a zero count
+                    is clamped to 1 so an all-empty batch gives loss 0, not NaN).
+        cfg:        LossConfig.
+        ref_logp:   [N, T] log pi_ref (no grad); required iff cfg.beta > 0.
+        off_policy: [N] bool, True for mixed-policy reference members (pi_phi = 1). None = all on-policy.
+        entropy:    [N, T] per-token policy entropy, for metrics only.
+    """
+    _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg)
+    if off_policy is None:
+        off_policy = torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
+    off_tok = off_policy[:, None] & mask  # [N, T]
+    on_tok = ~off_policy[:, None] & mask  # [N, T]
+    adv = advantages.to(logp.dtype)[:, None]  # [N, 1]
+    # Neutralise uncounted positions first: padding may hold -inf/NaN log-probs, and where() (unlike * mask)
+    # passes neither their values nor a NaN gradient on.
+    logp = torch.where(mask, logp, 0.0)
+    old_logp = torch.where(on_tok, old_logp.to(logp.dtype), 0.0)  # off-policy rows: no pi_old
+
+    ratio = torch.exp(logp - old_logp)  # [N, T]; only on-policy entries are used
+    clipped = torch.clamp(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
+    l_on = torch.minimum(ratio * adv, clipped * adv)
+
+    p = torch.exp(logp)  # pi_theta / pi_phi with pi_phi = 1
+    gamma = cfg.off_policy_shaping_gamma
+    s_off = p if gamma is None else p / (p + gamma)
+    if cfg.clip_off_policy:
+        l_off = torch.minimum(s_off * adv, torch.clamp(s_off, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high) * adv)
+    else:
+        l_off = s_off * adv
+    l = torch.where(off_policy[:, None], l_off, l_on)  # [N, T]
+
+    kl = None
+    per_token = -l
+    if ref_logp is not None:
+        kl = kl_k3(logp, torch.where(mask, ref_logp.to(logp.dtype), 0.0))
+        if cfg.beta > 0:
+            per_token = per_token + cfg.beta * kl
+    per_token = torch.where(mask, per_token, 0.0)
+
+    norm = torch.as_tensor(normalizer, dtype=logp.dtype, device=logp.device).clamp(min=1.0)
+    if cfg.loss_type == "dapo":
+        loss = per_token.sum() / norm
+    else:
+        seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(logp.dtype)  # [N]
+        loss = seq.sum() / norm
+
+    metrics = _metrics(l, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, logp.shape[0])
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+@torch.no_grad()
+def _metrics(l, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, n_seq):
+    m: dict[str, torch.Tensor] = {"loss": loss.detach(), "num_sequences": torch.tensor(float(n_seq))}
+    neg_inf = torch.tensor(float("-inf"), dtype=ratio.dtype, device=ratio.device)
+    for key, sel, s, clips in (("on", on_tok, ratio, True), ("off", off_tok, s_off, cfg.clip_off_policy)):
+        m[f"{key}/num_tokens"] = sel.sum().to(torch.float32)
+        m[f"{key}/policy_loss"] = _masked_mean(-l, sel)
+        m[f"{key}/kl"] = _masked_mean(kl, sel) if kl is not None else torch.zeros((), dtype=ratio.dtype)
+        if clips:
+            low = (s < 1.0 - cfg.epsilon) & (adv < 0)
+            high = (s > 1.0 + cfg.epsilon_high) & (adv > 0)
+            m[f"{key}/clip_low"] = _masked_mean(low.to(ratio.dtype), sel)
+            m[f"{key}/clip_high"] = _masked_mean(high.to(ratio.dtype), sel)
+        else:
+            m[f"{key}/clip_low"] = torch.zeros((), dtype=ratio.dtype)
+            m[f"{key}/clip_high"] = torch.zeros((), dtype=ratio.dtype)
+        m[f"{key}/ratio_mean"] = _masked_mean(s, sel)
+        m[f"{key}/ratio_max"] = torch.where(sel, s, neg_inf).amax() if sel.numel() else neg_inf
+        if entropy is not None:
+            m[f"{key}/entropy"] = _masked_mean(entropy.to(ratio.dtype), sel)
+    return {k: v.detach() for k, v in m.items()}
+
+
+def reduce_metrics(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Combine the metrics of several micro-batches (or ranks, after gathering): counts and ``loss`` are summed,
+    ``*_max`` maxed, every other ``{on,off}/x`` is a mean weighted by that kind's ``num_tokens``."""
+    if not parts:
+        raise ValueError("reduce_metrics needs at least one metrics dict")
+    out: dict[str, torch.Tensor] = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        if k in ("loss", "num_sequences") or k.endswith("/num_tokens"):
+            out[k] = torch.stack(vals).sum()
+        elif k.endswith("_max"):
+            out[k] = torch.stack(vals).amax()
+        else:
+            w = torch.stack([p[k.split("/")[0] + "/num_tokens"].to(vals[0].dtype) for p in parts])
+            out[k] = (torch.stack(vals) * w).sum() / w.sum().clamp(min=1)
+    return out
