@@ -1,0 +1,1 @@
+"""Corpus preparation (LibriSQA, CoVoST2, toy), prompt templates and the lhotse dataset yielding PromptBatch."""
