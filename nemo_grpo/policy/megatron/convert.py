@@ -1,0 +1,182 @@
+"""HF Granite <-> megatron-core GPTModel weights: convert, shard by TP rank at load, gather + unshard at export.
+
+Layouts (H hidden, d head dim, n_q heads, g kv groups, q_g = n_q / g heads per group, f ffn, V_pad padded vocab):
+
+* ``linear_qkv.weight`` [(n_q + 2g) d, H]: group-major ``[q heads of group 0, k_0, v_0, q heads of group 1, ...]``,
+  so a contiguous TP split hands each rank whole groups.
+* ``linear_fc1.weight`` [2f, H] = ``cat[gate, up]`` LOCALLY on every rank: rank r holds ``cat[gate_r, up_r]``
+  (not a contiguous slice of the TP=1 tensor).
+* column-parallel (split dim 0): embedding / output layer (V_pad rows, pad rows zero), qkv, fc1;
+  row-parallel (split dim 1): ``linear_proj``, ``linear_fc2``; norms replicated.
+* TE spec fuses the pre-attention / pre-MLP norms into ``linear_qkv.layer_norm_weight`` /
+  ``linear_fc1.layer_norm_weight``; the local spec keeps ``input_layernorm`` / ``pre_mlp_layernorm``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+HF_LLM = "model.language_model."
+
+
+def _norm_names(te: bool) -> tuple[str, str]:
+    if te:
+        return "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"
+    return "input_layernorm.weight", "pre_mlp_layernorm.weight"
+
+
+def _dims(cfg) -> tuple[int, int, int, int]:
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_attention_heads, cfg.num_key_value_heads, d, cfg.hidden_size
+
+
+def hf_to_megatron_full(hf: dict[str, torch.Tensor], cfg, padded_vocab: int, te: bool = False
+                        ) -> dict[str, torch.Tensor]:
+    """HF Granite LLM tensors (keys under ``model.language_model.`` + ``lm_head.weight``) -> TP=1 megatron names."""
+    n_q, g, d, h = _dims(cfg)
+    pre_attn, pre_mlp = _norm_names(te)
+    out: dict[str, torch.Tensor] = {}
+    emb = hf[HF_LLM + "embed_tokens.weight"]
+    out["embedding.word_embeddings.weight"] = _pad_rows(emb, padded_vocab)
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab)
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"{HF_LLM}layers.{i}.", f"decoder.layers.{i}."
+        q = hf[src + "self_attn.q_proj.weight"].reshape(g, (n_q // g) * d, h)
+        k = hf[src + "self_attn.k_proj.weight"].reshape(g, d, h)
+        v = hf[src + "self_attn.v_proj.weight"].reshape(g, d, h)
+        out[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h)
+        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0)
+        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
+        out[dst + pre_attn] = hf[src + "input_layernorm.weight"]
+        out[dst + pre_mlp] = hf[src + "post_attention_layernorm.weight"]
+    out["decoder.final_layernorm.weight"] = hf[HF_LLM + "norm.weight"]
+    return out
+
+
+def megatron_full_to_hf(meg: dict[str, torch.Tensor], cfg, te: bool = False) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_megatron_full` (drops the vocab padding; ``lm_head`` only when untied)."""
+    n_q, g, d, h = _dims(cfg)
+    pre_attn, pre_mlp = _norm_names(te)
+    v_true = cfg.vocab_size
+    out = {HF_LLM + "embed_tokens.weight": meg["embedding.word_embeddings.weight"][:v_true]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = meg["output_layer.weight"][:v_true]
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"decoder.layers.{i}.", f"{HF_LLM}layers.{i}."
+        qkv = meg[src + "self_attention.linear_qkv.weight"].reshape(g, (n_q // g + 2) * d, h)
+        q, k, v = qkv.split([(n_q // g) * d, d, d], dim=1)
+        out[dst + "self_attn.q_proj.weight"] = q.reshape(-1, h)
+        out[dst + "self_attn.k_proj.weight"] = k.reshape(-1, h)
+        out[dst + "self_attn.v_proj.weight"] = v.reshape(-1, h)
+        out[dst + "self_attn.o_proj.weight"] = meg[src + "self_attention.linear_proj.weight"]
+        gate, up = meg[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
+        out[dst + "mlp.down_proj.weight"] = meg[src + "mlp.linear_fc2.weight"]
+        out[dst + "input_layernorm.weight"] = meg[src + pre_attn]
+        out[dst + "post_attention_layernorm.weight"] = meg[src + pre_mlp]
+    out[HF_LLM + "norm.weight"] = meg["decoder.final_layernorm.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    if w.shape[0] > rows:
+        raise ValueError(f"vocab {w.shape[0]} exceeds padded vocab {rows}")
+    return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])]) if w.shape[0] < rows else w
+
+
+_COLUMN = re.compile(r"(word_embeddings|output_layer|linear_qkv|linear_fc1)\.weight$")
+_ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+
+
+def shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This TP rank's slice of a TP=1 megatron tensor (GLU-aware for ``linear_fc1``)."""
+    if size == 1:
+        return full
+    if name.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0).contiguous()
+    if _COLUMN.search(name):
+        return full.chunk(size, dim=0)[rank].contiguous()
+    if _ROW.search(name):
+        return full.chunk(size, dim=1)[rank].contiguous()
+    return full
+
+
+def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`shard` given every TP rank's slice in rank order."""
+    if len(parts) == 1:
+        return parts[0]
+    if name.endswith("linear_fc1.weight"):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    if _COLUMN.search(name):
+        return torch.cat(parts, dim=0)
+    if _ROW.search(name):
+        return torch.cat(parts, dim=1)
+    return parts[0]
+
+
+def gather_full_state(gpt) -> dict[str, torch.Tensor]:
+    """TP=1 tensors of a (possibly TP-sharded) GPTModel, on every TP rank (collective over the TP group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in gpt.state_dict().items():
+        if "_extra_state" in name or not torch.is_tensor(p):
+            continue
+        t = p.detach().contiguous()
+        if size > 1 and (_COLUMN.search(name) or _ROW.search(name)):
+            parts = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(parts, t, group=group)
+            t = unshard(name, parts)
+        out[name] = t.clone()
+    return out
+
+
+def load_into_gpt(gpt, full: dict[str, torch.Tensor]) -> None:
+    """Copy TP=1 tensors into this rank's GPTModel shard; every parameter must be covered, shapes must match."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    own = {k: v for k, v in gpt.state_dict().items() if "_extra_state" not in k}
+    missing = sorted(set(own) - set(full))
+    extra = sorted(set(full) - set(own))
+    if missing or extra:
+        raise ValueError(f"megatron/HF mapping mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, dst in own.items():
+            src = shard(name, full[name], rank, size)
+            if src.shape != dst.shape:
+                raise ValueError(f"{name}: converted shard {tuple(src.shape)} != model {tuple(dst.shape)}")
+            dst.copy_(src.to(dst.dtype))
+
+
+def read_hf_state(model_dir: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """Tensors of a HF checkpoint dir (single or sharded safetensors) whose keys start with one of ``prefixes``."""
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json)")
+    out = {}
+    for fname in files:
+        with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    out[key] = f.get_tensor(key)
+    return out

@@ -1,0 +1,309 @@
+"""Granite 3.x LLM as a megatron-core ``GPTModel`` (tensor + sequence parallel), Granite-exact.
+
+Mapping (HF ``GraniteForCausalLM`` -> megatron-core), each one checked against HF with a negative control in
+``tests/megatron``:
+
+* ``attention_multiplier`` (replaces 1/sqrt(d))      -> ``TransformerConfig.softmax_scale``
+* ``embedding_multiplier`` (on the MERGED text+audio  -> applied by :func:`merged_decoder_input`, which builds the
+  embeddings)                                           ``decoder_input`` GPTModel receives
+* ``residual_multiplier`` (both residual branches)    -> :class:`GraniteResidualBDA` replaces self_attn_bda/mlp_bda:
+                                                          ``residual + m * branch`` (folding m into weights would
+                                                          change Adam's effective step)
+* ``logits_scaling`` (logits / s)                     -> :func:`lm_logits` divides, before every sampler/log-prob
+* RMSNorm, SwiGLU, GQA, RoPE theta, tied embeddings   -> native (``linear_fc1 = cat[gate, up]`` per TP shard,
+                                                          ``linear_qkv`` grouped per query group)
+
+Layer spec: megatron's local spec when Transformer Engine is not importable, the TE spec when
+``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.fp8``) requires TE.
+Tensors inside megatron are sequence-first: [S, B, H]; the helpers here take/return batch-first [B, S, ...].
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+VOCAB_PAD_MULTIPLE = 128  # padded vocab is TP-size independent (TP in {1,2,4,...,128}) so checkpoints reshard
+
+
+def have_te() -> bool:
+    """True when Transformer Engine is importable (megatron-core's own probe)."""
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except Exception:  # a broken TE install raises RuntimeError at import (see the stack facts)
+        return False
+    return bool(HAVE_TE)
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    """Vocab rounded up to VOCAB_PAD_MULTIPLE; the pad columns are masked to -inf in :func:`lm_logits`."""
+    if VOCAB_PAD_MULTIPLE % tensor_parallel_size:
+        raise ValueError(f"model.tensor_parallel_size={tensor_parallel_size} must divide {VOCAB_PAD_MULTIPLE}")
+    return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
+class GraniteRMSNorm(torch.nn.Module):
+    """HF ``GraniteRMSNorm`` bit-for-bit (fp32 variance, weight applied in the input dtype), SP-aware.
+
+    Under sequence parallelism each TP rank normalises its own sequence slice, so the weight gradient is partial:
+    the weight is tagged ``sequence_parallel`` and megatron's ``finalize_model_grads`` sums it over TP.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class GraniteResidualBDA:
+    """Bias-dropout-add with Granite's residual multiplier: ``residual + m * dropout(x + bias)``.
+
+    Built by megatron's ``build_module`` from ``ModuleSpec(GraniteResidualBDA, params={"multiplier": m})``; the
+    layer calls ``bda(training, fused)(x_with_bias, residual, prob)`` like megatron's own get_bias_dropout_add.
+    """
+
+    def __init__(self, multiplier: float):
+        self.multiplier = float(multiplier)
+
+    def __call__(self, training: bool, fused: bool):
+        m = self.multiplier
+
+        def bda(x_with_bias, residual, prob):
+            x, bias = x_with_bias
+            if bias is not None:
+                x = x + bias
+            x = F.dropout(x, p=prob, training=training)
+            residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
+            return residual + x * m
+
+        return bda
+
+
+def transformer_config(
+    text_cfg,
+    tensor_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    fp8: str | None = None,
+    fp8_recipe: str | None = None,
+    use_te: bool | None = None,
+):
+    """megatron ``TransformerConfig`` for a HF ``GraniteConfig`` (``text_config`` of Granite Speech).
+
+    Raises ValueError naming ``model.fp8`` when FP8 is asked for without Transformer Engine, and naming the HF
+    config field for Granite features this mapping does not cover.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    use_te = have_te() if use_te is None else use_te
+    if fp8 and not use_te:
+        raise ValueError(
+            f"model.fp8={fp8!r} needs Transformer Engine (megatron-core's TE layer spec); it is not importable here. "
+            "Use an NGC PyTorch container or set model.fp8: null"
+        )
+    rope = getattr(text_cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r} is not supported")
+    if bool(text_cfg.attention_bias) != bool(text_cfg.mlp_bias):
+        raise ValueError("text_config.attention_bias and text_config.mlp_bias must agree for megatron")
+    if text_cfg.hidden_act != "silu":
+        raise ValueError(f"text_config.hidden_act={text_cfg.hidden_act!r} (megatron mapping assumes silu)")
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    bf16 = params_dtype == torch.bfloat16
+    return TransformerConfig(
+        num_layers=text_cfg.num_hidden_layers,
+        hidden_size=text_cfg.hidden_size,
+        ffn_hidden_size=text_cfg.intermediate_size,
+        num_attention_heads=text_cfg.num_attention_heads,
+        num_query_groups=text_cfg.num_key_value_heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=text_cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=bool(text_cfg.attention_bias),
+        softmax_scale=text_cfg.attention_multiplier,
+        hidden_dropout=0.0,
+        attention_dropout=float(text_cfg.attention_dropout),
+        tensor_model_parallel_size=tensor_parallel_size,
+        sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # CPU/no-TE: fused kernels need CUDA/apex/TE or trigger long torch.compile warm-ups (stack facts)
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        fp8=fp8 or None,
+        fp8_recipe=fp8_recipe or "delayed",
+    )
+
+
+def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
+    """TransformerBlockSubmodules: megatron's GPT layer spec with Granite's residual-multiplier bda and norms."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    use_te = have_te() if use_te is None else use_te
+    bda = ModuleSpec(module=GraniteResidualBDA, params={"multiplier": residual_multiplier})
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.transformer.enums import AttnMaskType
+
+        layer = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec())
+        # left-padded prompts: an explicit [B, 1, S, S] mask (causal | pad key) instead of TE's implicit causal
+        layer.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
+        final_norm = TENorm
+    else:
+        layer = copy.deepcopy(specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+        layer.submodules = replace(
+            layer.submodules, input_layernorm=GraniteRMSNorm, pre_mlp_layernorm=GraniteRMSNorm
+        )
+        final_norm = GraniteRMSNorm
+    layer.submodules = replace(layer.submodules, self_attn_bda=bda, mlp_bda=bda)
+    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=final_norm)
+
+
+def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
+              params_dtype: torch.dtype = torch.float32, fp8: str | None = None, fp8_recipe: str | None = None,
+              use_te: bool | None = None):
+    """A Granite GPTModel shard for this TP rank (needs ``parallel.init_model_parallel`` first).
+
+    The embedding returns FULL-sequence [S, B, H] (``scatter_embedding_sequence_parallel=False``): audio is spliced
+    into it and the multiplier applied before :func:`merged_decoder_input` scatters the sequence for SP.
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    use_te = have_te() if use_te is None else use_te
+    config = transformer_config(text_cfg, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
+                                fp8_recipe, use_te)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, text_cfg.residual_multiplier, use_te),
+        vocab_size=padded_vocab_size(text_cfg.vocab_size, tensor_parallel_size),
+        max_sequence_length=text_cfg.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(text_cfg.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int((getattr(text_cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+        scatter_embedding_sequence_parallel=False,
+    )
+    gpt.granite_vocab_size = text_cfg.vocab_size
+    return gpt.to(params_dtype)
+
+
+def text_embeddings(gpt, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [B, S, H] (full vocab, all-reduced over TP) of ``input_ids`` [B, S]."""
+    return gpt.embedding.word_embeddings(input_ids)
+
+
+def merged_decoder_input(gpt, embeds: torch.Tensor, embedding_multiplier: float) -> torch.Tensor:
+    """[B, S, H] merged text+audio embeddings -> GPTModel ``decoder_input`` [S(/TP under SP), B, H].
+
+    Granite multiplies ALL input embeddings (audio included) by ``embedding_multiplier``; under sequence
+    parallelism the sequence is then split over TP ranks (S must be a multiple of TP: see :func:`pad_to_tp`).
+    """
+    from megatron.core import tensor_parallel
+
+    x = (embeds * embedding_multiplier).transpose(0, 1).contiguous()
+    if gpt.config.sequence_parallel:
+        x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+    return x
+
+
+def pad_to_tp(length: int, tensor_parallel_size: int, sequence_parallel: bool) -> int:
+    """Sequence length rounded up so SP can split it evenly (extra positions go on the right: causal-safe)."""
+    if not sequence_parallel or tensor_parallel_size == 1:
+        return length
+    return -(-length // tensor_parallel_size) * tensor_parallel_size
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:
+    """megatron mask [B, 1, Sq, Sk] (True = masked) = causal OR key padding, from ``attention_mask`` [B, Sk].
+
+    For incremental decoding (``query_len`` < Sk) the queries are the LAST ``query_len`` positions.
+    """
+    keep = attention_mask.bool()  # [B, Sk]
+    sk = keep.shape[1]
+    sq = sk if query_len is None else query_len
+    q_pos = torch.arange(sk - sq, sk, device=keep.device)[:, None]
+    causal = torch.arange(sk, device=keep.device)[None, :] > q_pos  # [Sq, Sk]
+    return causal[None, None] | ~keep[:, None, None, :]
+
+
+def lm_logits(gpt, decoder_input: torch.Tensor, mask4d: torch.Tensor, logits_scaling: float,
+              inference_context=None) -> torch.Tensor:
+    """Granite logits / logits_scaling, vocab-parallel [B, S, V_pad/TP] (gathered [B, 1, V_pad] in decode).
+
+    Pad-vocab columns (>= the true vocab size) are set to the dtype's minimum so they never get sampled and carry
+    no probability mass.
+    """
+    from megatron.core import parallel_state
+
+    gather = inference_context is not None
+    logits = gpt(input_ids=None, position_ids=None, attention_mask=mask4d, decoder_input=decoder_input,
+                 inference_context=inference_context, runtime_gather_output=gather or None)
+    logits = logits.float() / logits_scaling  # log-probs and sampling in fp32 whatever the model dtype
+    width = logits.shape[-1]
+    start = 0 if gather else parallel_state.get_tensor_model_parallel_rank() * width
+    if start + width > gpt.granite_vocab_size:
+        col = torch.arange(start, start + width, device=logits.device)
+        logits = logits.masked_fill(col >= gpt.granite_vocab_size, torch.finfo(logits.dtype).min)
+    return logits
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, return_entropy: bool = False):
+    """log softmax(logits)[target] over a vocab split across TP ranks, differentiable; optional entropy.
+
+    logits: [..., V/TP] this rank's vocab slice (already / logits_scaling / temperature); targets: [...] global ids.
+    Returns (logprobs [...], entropy [...] or None). Uses megatron's ``reduce_from_tensor_model_parallel_region``
+    (all-reduce forward, identity backward): the result is replicated on every TP rank and each rank back-props
+    into its own slice, megatron's convention for a TP-replicated loss.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region as tp_sum
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    width = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    lmax = logits.detach().max(-1, keepdim=True).values
+    if tp > 1:
+        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+    shifted = logits - lmax
+    exp = shifted.exp()
+    sum_exp = exp.sum(-1)
+    local = targets - start
+    inside = (local >= 0) & (local < width)
+    picked = shifted.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1) * inside
+    if tp > 1:
+        sum_exp, picked = tp_sum(sum_exp), tp_sum(picked)
+    lse = sum_exp.log()
+    logprobs = picked - lse
+    if not return_entropy:
+        return logprobs, None
+    # pad-vocab columns hold -inf after the shift: zero them BEFORE the product (0 * -inf and its grad are nan)
+    p_shift = (exp * torch.where(exp > 0, shifted, torch.zeros_like(shifted))).sum(-1)
+    if tp > 1:
+        p_shift = tp_sum(p_shift)
+    return logprobs, lse - p_shift / sum_exp
