@@ -1,0 +1,346 @@
+"""The HF backend: ``base.Policy`` over ``transformers.GraniteSpeechForConditionalGeneration`` (5.23).
+
+Why not ``model.forward``/``model.generate``:
+  * 5.x's Granite Speech forward omits ``logits / text_config.logits_scaling`` (4.57 and ``GraniteForCausalLM``
+    apply it). Here the LM head's raw output goes through ``sampling.scale_logits`` exactly once, for sampling and
+    scoring alike.
+  * ``generate`` with G samples re-encodes the same audio G times. Here ``encode`` runs the encoder once per prompt;
+    every forward runs the projector once per prompt and expands the merged prompt embeddings to the G samples.
+  * position ids come from the attention mask (cumsum - 1), so a LEFT-padded row is computed exactly like the
+    unpadded prompt, in prefill, in every KV-cache step and in scoring.
+Audio LoRA (the real checkpoints' q/v adapter, ``adapter_config.json`` in the dir): loaded by ``from_pretrained``
+and enabled whenever audio is present (every PromptBatch has audio), as ``GraniteSpeechForConditionalGeneration.
+generate`` does; ``forward`` alone never toggles it. Optional LoRA training via ``lora={...}``.
+
+Shape legend: B prompts, G samples/prompt, N = B*G, P prompt tokens, T completion tokens, V vocab, H hidden,
+F feature frames, F' encoder frames, A audio tokens.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable
+
+import torch
+
+from nemo_grpo.policy.base import Completions, PromptBatch, PromptContext
+from nemo_grpo.policy.sampling import sample_tokens, scale_logits, token_logprobs
+
+log = logging.getLogger(__name__)
+
+_LORA_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout")
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[.., L] 0/1 mask -> position ids [.., L]: index among real tokens (pad positions get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _adapter_name(model) -> str | None:
+    return next(iter(model.peft_config)) if getattr(model, "_hf_peft_config_loaded", False) else None
+
+
+def _file_key(model, key: str) -> tuple[str, str]:
+    """Module state-dict key -> (file, key) in the HF dir: base weights unwrapped from PEFT's ``base_layer``, LoRA
+    weights under PEFT's on-disk names (``base_model.model.<path>.lora_A.weight``), as the real checkpoints ship."""
+    name = _adapter_name(model)
+    if "lora_" in key:
+        return "adapter_model.safetensors", "base_model.model." + key.replace(f".{name}.", ".")
+    return "model.safetensors", key.replace(".base_layer.", ".")
+
+
+def save_hf_dir(model, tokenizer, out_dir: str) -> None:
+    """Write config, base weights, tokenizer and (when present) the adapter. ``model.save_pretrained`` is not used:
+    with a transformers-native adapter attached, 5.23 writes PEFT-wrapped names into the base file."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    files: dict[str, dict[str, torch.Tensor]] = {"model.safetensors": {}, "adapter_model.safetensors": {}}
+    tied = model.config.tie_word_embeddings
+    for key, value in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # shares storage with the input embedding; from_pretrained re-ties it
+        fname, fkey = _file_key(model, key)
+        files[fname][fkey] = value.detach().contiguous().cpu()
+    save_file(files["model.safetensors"], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    name = _adapter_name(model)
+    if name is not None:
+        save_file(files["adapter_model.safetensors"], os.path.join(out_dir, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        cfg = model.peft_config[name]
+        cfg.base_model_name_or_path = out_dir
+        cfg.save_pretrained(out_dir)
+
+
+def load_hf_weights(model, ckpt_dir: str) -> None:
+    """Inverse of ``save_hf_dir`` into an existing model of the same architecture (adapter included)."""
+    from safetensors.torch import load_file
+
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if tied and key == "lm_head.weight":
+                continue
+            fname, fkey = _file_key(model, key)
+            if fname not in cache:
+                path = os.path.join(ckpt_dir, fname)
+                if not os.path.exists(path):
+                    raise ValueError(f"{path} missing: cannot load {key}")
+                cache[fname] = load_file(path)
+            if fkey not in cache[fname]:
+                raise ValueError(f"{ckpt_dir}/{fname} has no tensor {fkey!r}")
+            tensor.copy_(cache[fname][fkey])
+
+
+class HFGraniteSpeechPolicy:
+    """See the module docstring. Build with ``HFGraniteSpeechPolicy.from_pretrained``."""
+
+    def __init__(self, model, tokenizer, *, freeze_encoder: bool = True, train_projector: bool = True,
+                 train_llm: bool = True, lora: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        if self.pad_token_id == self.eos_token_id:
+            raise ValueError("tokenizer pad_token_id == eos_token_id: the model could never learn to stop; "
+                             "give the tokenizer a distinct pad token")
+        self.logits_scaling = float(self.config.text_config.logits_scaling)
+        self.freeze_encoder = freeze_encoder
+        self._has_adapter = bool(getattr(model, "_hf_peft_config_loaded", False))
+        if lora is not None:
+            self._attach_lora(lora)
+        self._set_trainable(freeze_encoder, train_projector, train_llm, lora is not None)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._opt_args: dict | None = None
+        self._pending_opt_state: dict | None = None
+        self.eval()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        freeze_encoder: bool = True, train_projector: bool = True, train_llm: bool = True,
+                        lora: dict | None = None) -> "HFGraniteSpeechPolicy":
+        """Load a local HF Granite Speech dir (model, tokenizer, optional audio LoRA adapter).
+
+        freeze_encoder: encoder without grad and always in eval (BatchNorm statistics stay fixed, so pi_old equals
+                        pi_theta before the first update). train_projector / train_llm: grads for the Q-Former
+                        projector / the LLM (embeddings, layers, tied head). lora: ``{"r", "lora_alpha",
+                        "target_modules", "lora_dropout"}`` trains LoRA weights: the checkpoint's audio adapter when
+                        it has one, else a new adapter with these settings (base LLM trainable only if train_llm).
+        """
+        from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+
+        if not os.path.isdir(path):
+            raise ValueError(f"model path {path!r} is not a directory (hub names are not supported offline)")
+        model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model.to(device)
+        for module in model.modules():  # dropout would make pi_old != pi_theta for the same weights (RL ratio)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return cls(model, tokenizer, freeze_encoder=freeze_encoder, train_projector=train_projector,
+                   train_llm=train_llm, lora=lora)
+
+    def _attach_lora(self, lora: dict) -> None:
+        unknown = sorted(set(lora) - set(_LORA_KEYS))
+        if unknown:
+            raise ValueError(f"unknown lora key(s) {unknown}; known: {list(_LORA_KEYS)}")
+        if self._has_adapter:
+            log.info("training the checkpoint's existing audio LoRA adapter; lora settings %s ignored", lora)
+            return
+        from peft import LoraConfig
+
+        self.model.add_adapter(LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("lora_alpha", 16)),
+                                          target_modules=list(lora.get("target_modules", ["q_proj", "v_proj"])),
+                                          lora_dropout=float(lora.get("lora_dropout", 0.0)), bias="none",
+                                          task_type="CAUSAL_LM"))
+        self.config.has_lora_adapter = True
+        self._has_adapter = True
+
+    def _set_trainable(self, freeze_encoder: bool, train_projector: bool, train_llm: bool, train_lora: bool) -> None:
+        inner = self.model.model
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(train_lora)
+            elif name.startswith("model.encoder."):
+                p.requires_grad_(not freeze_encoder)
+            elif name.startswith("model.projector."):
+                p.requires_grad_(train_projector)
+            else:  # language model + (tied) lm_head
+                p.requires_grad_(train_llm)
+        self._encoder, self._projector = inner.encoder, inner.projector
+        self._lm, self._lm_head = inner.language_model, self.model.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self._lm_head.weight.device
+
+    # ---------------------------------------------------------------- the forward pieces
+    def _adapters(self) -> None:
+        # Every PromptBatch carries audio: the checkpoint's audio adapter is on (HF generate()'s rule).
+        if self._has_adapter:
+            self.model.enable_adapters()
+
+    def encode(self, batch: PromptBatch) -> PromptContext:
+        """Encoder once per prompt: ctx.audio = encoder output [B, F', H_enc] (no grad when frozen)."""
+        batch = batch.to(self.device)
+        feats = batch.input_features.to(self._lm_head.weight.dtype)  # [B, F, 160]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            enc = self._encoder(feats).last_hidden_state
+        return PromptContext(batch=batch, audio=enc)
+
+    def _prompt_embeds(self, ctx: PromptContext) -> torch.Tensor:
+        """Projector once per prompt, merged into the prompt's token embeddings: [B, P, H] (before Granite's
+        embedding_multiplier, which the LM applies to all input embeddings, audio included)."""
+        enc = ctx.audio
+        if not self.freeze_encoder and torch.is_grad_enabled():
+            enc = self._encoder(ctx.batch.input_features.to(enc.dtype)).last_hidden_state  # graph per backward
+        audio = self._projector(enc)  # [B, A', H]
+        return self.model.model.get_merged_audio_embeddings(
+            ctx.batch.input_ids, audio, ctx.batch.input_features_mask)
+
+    def _hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None) -> tuple[torch.Tensor, Any]:
+        out = self._lm(inputs_embeds=embeds, attention_mask=attention_mask,
+                       position_ids=_positions(attention_mask)[:, -embeds.shape[1]:],
+                       past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state, out.past_key_values
+
+    # ---------------------------------------------------------------- Policy API
+    def generate(self, ctx: PromptContext, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Completions:
+        """All N = B*G samples in one KV-cache batch; prompt prefilled once per prompt, then repeated G times."""
+        from transformers import DynamicCache
+
+        self._adapters()
+        bsz = len(ctx.batch)
+        group = torch.arange(bsz, device=self.device).repeat_interleave(num_samples)  # [N]
+        state: dict[str, Any] = {}
+
+        def prefill():
+            with torch.no_grad():
+                embeds = self._prompt_embeds(ctx)  # [B, P, H]
+                mask = ctx.batch.attention_mask.long()
+                hidden, cache = self._hidden(embeds, mask, DynamicCache(config=self._lm.config))
+            cache.batch_repeat_interleave(num_samples)
+            state["mask"] = mask.repeat_interleave(num_samples, 0)  # [N, P]
+            return self._lm_head(hidden[:, -1]).repeat_interleave(num_samples, 0), cache
+
+        def step(tokens, cache, t):
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
+            embeds = self._lm.embed_tokens(tokens).unsqueeze(1)  # [N, 1, H]
+            hidden, cache = self._hidden(embeds, state["mask"], cache)
+            return self._lm_head(hidden[:, -1]), cache
+
+        out = sample_tokens(prefill, step, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
+                            pad_token_id=self.pad_token_id, logits_scaling=self.logits_scaling,
+                            temperature=temperature, top_p=top_p, generator=generator)
+        texts = [self.tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+                 for ids, m in zip(out.token_ids, out.mask)]
+        return Completions(token_ids=out.token_ids, mask=out.mask, logprobs=out.logprobs, truncated=out.truncated,
+                           group=group, texts=texts, off_policy=torch.zeros_like(out.truncated))
+
+    def score(self, ctx: PromptContext, token_ids: torch.Tensor, group: torch.Tensor, temperature: float = 1.0,
+              return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(token_ids[n, t] | prompt group[n], token_ids[n, :t]) [N, T] (+ entropy [N, T]); differentiable
+        when grad is enabled. Values past each completion's eos are computed but meaningless (mask them)."""
+        self._adapters()
+        token_ids, group = token_ids.to(self.device), group.to(self.device)
+        prompt = self._prompt_embeds(ctx)[group]  # [N, P, H]
+        p, t = prompt.shape[1], token_ids.shape[1]
+        embeds = torch.cat([prompt, self._lm.embed_tokens(token_ids)], 1)  # [N, P+T, H]
+        mask = torch.cat([ctx.batch.attention_mask.long()[group], token_ids.new_ones(token_ids.shape)], 1)
+        hidden, _ = self._hidden(embeds, mask)
+        logits = self._lm_head(hidden[:, p - 1: p + t - 1])  # [N, T, V]: position p-1+t predicts token t
+        return token_logprobs(scale_logits(logits, self.logits_scaling, temperature), token_ids, return_entropy)
+
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def data_parallel(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                            max_grad_norm: float) -> None:
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("no trainable parameters (check freeze_encoder/train_projector/train_llm/lora)")
+        self._optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        self._opt_args = {"max_grad_norm": float(max_grad_norm)}
+        if self._pending_opt_state is not None:
+            self._optimizer.load_state_dict(self._pending_opt_state)
+            self._pending_opt_state = None
+
+    def optimizer_step(self, lr: float) -> float:
+        """All-reduce (mean) grads over the DP world when distributed, clip, AdamW step at ``lr``, zero grads."""
+        if self._optimizer is None:
+            raise ValueError("optimizer_step before configure_optimizer")
+        params = self.trainable_parameters()
+        _, world = self.data_parallel()
+        if world > 1:
+            import torch.distributed as dist
+
+            for p in params:  # every rank reduces the same list, even where a param got no grad
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(world)
+        max_norm = self._opt_args["max_grad_norm"]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        for g in self._optimizer.param_groups:
+            g["lr"] = lr
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """HF dir (config, base weights, tokenizer, PEFT adapter files when an adapter exists)."""
+        save_hf_dir(self.model, self.tokenizer, out_dir)
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """HF-loadable model dir + ``optimizer.pt``; rank 0 writes, all ranks meet at a barrier."""
+        rank, world = self.data_parallel()
+        if rank == 0:
+            self.save_pretrained(ckpt_dir)
+            opt = self._optimizer.state_dict() if self._optimizer is not None else None
+            torch.save({"optimizer": opt, "opt_args": self._opt_args}, os.path.join(ckpt_dir, "optimizer.pt"))
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        load_hf_weights(self.model, ckpt_dir)
+        path = os.path.join(ckpt_dir, "optimizer.pt")
+        if not os.path.exists(path):
+            raise ValueError(f"{path} missing: not a checkpoint written by save_checkpoint")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["optimizer"] is not None:
+            if self._optimizer is None:
+                self._pending_opt_state = state["optimizer"]  # applied by configure_optimizer
+            else:
+                self._optimizer.load_state_dict(state["optimizer"])
+
+    def train(self, mode: bool = True) -> "HFGraniteSpeechPolicy":
+        self.model.train(mode)
+        if self.freeze_encoder:
+            self._encoder.eval()
+        return self
+
+    def eval(self) -> "HFGraniteSpeechPolicy":
+        return self.train(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Any:
+        return self.model.load_state_dict(state)
