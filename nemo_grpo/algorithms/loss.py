@@ -10,6 +10,7 @@ Per token (i, t) with advantage A_i (one per completion):
                                       s = f(pi_theta) = f(exp(logp)),  f(p) = p / (p + gamma) if shaping else p
                                       l = s * A   (no clipping unless ``clip_off_policy``)             Eq. 4
     KL (every counted token):         k = exp(ref_logp - logp) - (ref_logp - logp) - 1                 (k3)
+                                      (times s on on-policy tokens if ``kl_importance_correction``)
     per-token loss:                   -(l - beta * k)
 
 Aggregation (``loss_type``):
@@ -62,6 +63,10 @@ class LossConfig:
     off_policy_shaping_gamma: None = off-policy ratio pi_theta; a float gamma > 0 = LUFFY policy shaping
                    f(p) = p / (p + gamma) (LUFFY uses 0.1).
     clip_off_policy: apply the same min/clip to the off-policy ratio (LUFFY and the paper: False).
+    kl_importance_correction: multiply the on-policy per-token KL by the (differentiable) ratio s, the
+                   DeepSeek-V3.2 unbiased reverse-KL gradient; TRL >= 1.x turns it on by default
+                   (``use_bias_correction_kl``). The paper's Eq. 3 has the plain k3 term: default False.
+                   Off-policy tokens never get it (pi_phi = 1 is not a sampling distribution).
     """
 
     epsilon: float = 0.2
@@ -70,6 +75,7 @@ class LossConfig:
     loss_type: Literal["dapo", "grpo"] = "dapo"
     off_policy_shaping_gamma: float | None = None
     clip_off_policy: bool = False
+    kl_importance_correction: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon < 1.0:
@@ -101,7 +107,8 @@ class LossOutput:
     metrics: detached scalar tensors (no ``.item()``: the caller syncs once). Keys ``{on,off}/<name>``:
         num_tokens    counted tokens of that kind in this micro-batch (weights for the means below)
         policy_loss   mean of -l over those tokens
-        kl            mean k3 KL over those tokens (0 when beta == 0 and no ref_logp is given)
+        kl            mean KL term over those tokens as it enters the loss (k3, ratio-weighted under
+                      ``kl_importance_correction``; 0 when no ref_logp is given)
         clip_low      fraction of tokens whose lower clip is active (s < 1 - epsilon and A < 0)
         clip_high     fraction whose upper clip is active (s > 1 + epsilon_high and A > 0); both 0 for
                       off-policy tokens unless ``clip_off_policy``
@@ -198,17 +205,23 @@ def grpo_loss(
         ref_logp:   [N, T] log pi_ref (no grad); required iff cfg.beta > 0.
         off_policy: [N] bool, True for mixed-policy reference members (pi_phi = 1). None = all on-policy.
         entropy:    [N, T] per-token policy entropy, for metrics only.
+
+    The loss is computed in the widest dtype among logp/old_logp/ref_logp and at least float32.
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg)
     if off_policy is None:
         off_policy = torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
     off_tok = off_policy[:, None] & mask  # [N, T]
     on_tok = ~off_policy[:, None] & mask  # [N, T]
-    adv = advantages.to(logp.dtype)[:, None]  # [N, 1]
+    # Compute in the widest input dtype, at least float32 (bf16 log-probs would round the ratio to ~1e-2).
+    dt = torch.promote_types(torch.promote_types(logp.dtype, old_logp.dtype), torch.float32)
+    if ref_logp is not None:
+        dt = torch.promote_types(dt, ref_logp.dtype)
+    adv = advantages.to(dt)[:, None]  # [N, 1]
     # Neutralise uncounted positions first: padding may hold -inf/NaN log-probs, and where() (unlike * mask)
     # passes neither their values nor a NaN gradient on.
-    logp = torch.where(mask, logp, 0.0)
-    old_logp = torch.where(on_tok, old_logp.to(logp.dtype), 0.0)  # off-policy rows: no pi_old
+    logp = torch.where(mask, logp.to(dt), 0.0)
+    old_logp = torch.where(on_tok, old_logp.to(dt), 0.0)  # off-policy rows: no pi_old
 
     ratio = torch.exp(logp - old_logp)  # [N, T]; only on-policy entries are used
     clipped = torch.clamp(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
@@ -226,16 +239,18 @@ def grpo_loss(
     kl = None
     per_token = -l
     if ref_logp is not None:
-        kl = kl_k3(logp, torch.where(mask, ref_logp.to(logp.dtype), 0.0))
+        kl = kl_k3(logp, torch.where(mask, ref_logp.to(dt), 0.0))
+        if cfg.kl_importance_correction:
+            kl = torch.where(off_policy[:, None], kl, kl * ratio)
         if cfg.beta > 0:
             per_token = per_token + cfg.beta * kl
     per_token = torch.where(mask, per_token, 0.0)
 
-    norm = torch.as_tensor(normalizer, dtype=logp.dtype, device=logp.device).clamp(min=1.0)
+    norm = torch.as_tensor(normalizer, dtype=per_token.dtype, device=logp.device).clamp(min=1.0)
     if cfg.loss_type == "dapo":
         loss = per_token.sum() / norm
     else:
-        seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(logp.dtype)  # [N]
+        seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(per_token.dtype)  # [N]
         loss = seq.sum() / norm
 
     metrics = _metrics(l, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, logp.shape[0])

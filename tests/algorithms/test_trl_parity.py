@@ -1,0 +1,194 @@
+"""Parity with TRL 1.16's GRPOTrainer, driven through TRL's OWN code paths (no re-typed formula):
+
+* advantages: ``GRPOTrainer._generate_and_score_completions`` samples completions with a tiny GraniteForCausalLM,
+  scores them with our reward function (which records the rewards) and normalises them itself;
+  ``group_advantages`` must reproduce its advantages from the recorded rewards.
+* loss: ``GRPOTrainer.compute_loss`` on TRL's completions with prepared old/ref log-probs (ratios far enough from 1
+  that both clip sides are active, eps_high != eps, beta > 0, one empty completion) for loss_type "dapo" and
+  "grpo"; ``grpo_loss`` on log-probs from the plain HF forward of the same model must match loss, every parameter
+  gradient, and TRL's logged KL / clip fractions / entropy.
+
+The model is float64 so the comparison is limited by the algorithms, not by float32 rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_grpo.algorithms import LossConfig, group_advantages, grpo_loss, loss_normalizer
+
+trl = pytest.importorskip("trl")
+
+G = 4
+PROMPTS = ["the red box", "one two", "left of the", "five four three"]
+EPS, EPS_HIGH, BETA = 0.2, 0.28, 0.04
+
+
+def _tiny_dir(tmp_path_factory) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GraniteConfig, GraniteForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|end_of_text|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["the red box is on the left of the blue one", "one two three four five"] * 10, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", pad_token="<pad>")
+    # Granite's multipliers set away from 1 so a path that drops one (e.g. logits_scaling) would show.
+    cfg = GraniteConfig(
+        vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.25, logits_scaling=2.0, tie_word_embeddings=True,
+        eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, bos_token_id=hf_tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    out = str(tmp_path_factory.mktemp("tiny_granite_lm"))
+    GraniteForCausalLM(cfg).to(torch.float64).save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+class _RecordingReward:
+    """Reward = a deterministic function of the completion text; prompt 'one two' always gets 1.0 so that one
+    group has zero variance. Records what it returned, in TRL's order."""
+
+    __name__ = "recording_reward"
+
+    def __init__(self):
+        self.calls: list[list[float]] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        r = [1.0 if p == "one two" else float(len(c) % 5) / 4.0 for p, c in zip(prompts, completions)]
+        self.calls.append(r)
+        return r
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _tiny_dir(tmp_path_factory)
+
+
+def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp(f"trl_{loss_type}")), use_cpu=True, report_to="none",
+        per_device_train_batch_size=len(PROMPTS) * G, num_generations=G, max_completion_length=8,
+        beta=BETA, epsilon=EPS, epsilon_high=EPS_HIGH, loss_type=loss_type, save_strategy="no",
+        model_init_kwargs={"dtype": torch.float64}, seed=0, bf16=False, fp16=False,
+        use_bias_correction_kl=kl_correction,
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ds = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = GRPOTrainer(model=tiny_dir, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
+    trainer.model.train()
+    # Set by HF Trainer's training loop (not run here): one micro-batch per optimizer step.
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_dir, tmp_path_factory):
+    """One TRL rollout: its inputs dict and the rewards it was computed from."""
+    reward = _RecordingReward()
+    trainer = _trainer(tiny_dir, tmp_path_factory, "dapo", reward)
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(G)])
+    assert len(reward.calls) == 1
+    return out, torch.tensor(reward.calls[0], dtype=torch.float64)
+
+
+def test_advantages_match_trl(rollout):
+    out, rewards = rollout
+    ours = group_advantages(rewards.view(len(PROMPTS), G))  # defaults = TRL's convention
+    trl_adv = out["advantages"].to(torch.float64)
+    assert ours.flatten().abs().max() > 0.5  # the rollout produced real signal, not an all-zero batch
+    torch.testing.assert_close(ours.flatten(), trl_adv, atol=1e-6, rtol=1e-6)
+    # The zero-variance group: exactly 0 here; TRL leaves the rounding residue of (r - mean) / 1e-4 (~0).
+    assert torch.equal(ours[1], torch.zeros(G, dtype=ours.dtype))
+
+
+def _hf_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """log pi(completion token) [N, T] and entropy [N, T] from the plain HF forward (not TRL's fused head)."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attn = torch.cat([prompt_mask, completion_mask], dim=1)
+    p_len, t_len = prompt_ids.shape[1], completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, p_len - 1 : p_len + t_len - 1]
+    logprobs = torch.log_softmax(logits.to(torch.float64), dim=-1)  # [N, T, V]
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logprobs.gather(-1, completion_ids[..., None]).squeeze(-1), entropy
+
+
+@pytest.mark.parametrize("kl_correction", [False, True], ids=["plain_kl", "is_corrected_kl"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_loss_and_grads_match_trl(rollout, tiny_dir, tmp_path_factory, loss_type, kl_correction):
+    out, _ = rollout
+    trainer = _trainer(tiny_dir, tmp_path_factory, loss_type, _RecordingReward(), kl_correction)
+    model = trainer.model
+    prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
+    completion_ids = out["completion_ids"]
+    mask = out["completion_mask"].bool().clone()
+    mask[5] = False  # an empty completion (e.g. overlong-masked) must be handled identically
+    n = completion_ids.shape[0]
+    assert mask.sum() > n  # completions are longer than one token
+
+    with torch.no_grad():
+        cur, _ = _hf_logps(model, prompt_ids, prompt_mask, completion_ids, mask.long())
+    gen = torch.Generator().manual_seed(1)
+    # Ratios exp(+-0.35) reach past both clip bounds; the reference differs too so KL > 0.
+    old = (cur + 0.35 * torch.randn(cur.shape, generator=gen, dtype=torch.float64)) * mask
+    ref = (cur + 0.30 * torch.randn(cur.shape, generator=gen, dtype=torch.float64)) * mask
+    adv = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids, "completion_mask": mask.long(),
+        "old_per_token_logps": old, "ref_per_token_logps": ref, "advantages": adv,
+        "num_items_in_batch": mask.sum(),
+    }
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(model, inputs)
+    trl_loss.backward()
+    trl_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    cfg = LossConfig(epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA, loss_type=loss_type,
+                     kl_importance_correction=kl_correction)
+    norm = loss_normalizer(mask, loss_type)
+
+    # (a) Log-probs from TRL's own scorer (float32 fused LM head): isolates the loss algorithm. The loss agrees to
+    # float64 rounding; gradients to ~1e-9 abs (TRL's kernel runs its backward GEMMs in float32).
+    model.zero_grad()
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attn = torch.cat([prompt_mask, mask.long()], dim=1)
+    logp, entropy, _ = trainer._get_per_token_logps_and_entropies(
+        model, input_ids, attn, completion_ids.shape[1], compute_entropy=True
+    )
+    res = grpo_loss(logp, old, adv, mask, normalizer=norm, cfg=cfg, ref_logp=ref, entropy=entropy)
+    res.loss.backward()
+    torch.testing.assert_close(res.loss, trl_loss.detach(), atol=1e-9, rtol=1e-9)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, trl_grads[k], atol=1e-8, rtol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert max(g.abs().max() for g in trl_grads.values()) > 1e-3  # gradients are not trivially zero
+
+    # (b) End to end with the plain float64 HF forward: differs only by TRL's float32 log-prob kernel (~1e-6).
+    model.zero_grad()
+    logp64, entropy64 = _hf_logps(model, prompt_ids, prompt_mask, completion_ids, mask.long())
+    res64 = grpo_loss(logp64, old, adv, mask, normalizer=norm, cfg=cfg, ref_logp=ref, entropy=entropy64)
+    res64.loss.backward()
+    torch.testing.assert_close(res64.loss, trl_loss.detach(), atol=1e-6, rtol=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, trl_grads[k], atol=1e-6, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+    m = res.metrics
+    assert m["on/clip_low"] > 0 and m["on/clip_high"] > 0  # both clip branches were exercised
+    assert m["off/num_tokens"] == 0 and m["on/num_tokens"] == mask.sum()
+    for ours, theirs in [("on/kl", "kl"), ("on/clip_low", "clip_ratio/low_mean"),
+                         ("on/clip_high", "clip_ratio/high_mean"), ("on/entropy", "entropy")]:
+        assert abs(float(m[ours]) - trl_metrics[theirs]) < 1e-6, (ours, float(m[ours]), trl_metrics[theirs])
