@@ -1,0 +1,221 @@
+"""What the GRPO and SFT recipes share: the policy factory, device/precision, the learning-rate schedule, a
+resumable data stream, RNG isolation and data-parallel reductions.
+
+Data parallelism without handles to the DP group: the policy reports ``data_parallel() -> (dp_rank, dp_size)``;
+ranks of one DP replica (tensor-parallel peers) see identical data, so a SUM over the whole world equals
+``world / dp_size`` times the sum over DP ranks. ``dp_sum`` divides that factor out (exact for counts).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from nemo_grpo.policy.base import Policy
+
+log = logging.getLogger(__name__)
+
+# backend name -> "module:callable(model_cfg, *, device, trainable, seed) -> Policy". The only place that knows
+# backends by name: recipes call build_policy and never branch on model.backend.
+BACKENDS: dict[str, str] = {
+    "hf": "nemo_grpo.train.runtime:_build_hf",
+    "megatron": "nemo_grpo.policy.megatron:build_policy",
+}
+
+
+# ------------------------------------------------------------------------------------------- distributed -------
+
+
+def init_distributed_from_env() -> None:
+    """Create the default process group when launched by torchrun with WORLD_SIZE > 1 (idempotent)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+
+
+def world() -> tuple[int, int]:
+    """(global rank, world size); (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
+    """Sum of ``x`` over data-parallel ranks (a new tensor; see the module docstring)."""
+    _, w = world()
+    if w == 1:
+        return x.clone()
+    y = x.detach().clone()
+    torch.distributed.all_reduce(y)
+    return y / (w // dp_size)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a list with one entry per global rank)."""
+    _, w = world()
+    if w == 1:
+        return [obj]
+    out: list[Any] = [None] * w
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    _, w = world()
+    if w == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------------- policy -------------
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast on GPU ("auto" or "bf16"); never on CPU, where it is slow and not what we validate."""
+    return device.type == "cuda" and precision in ("auto", "bf16")
+
+
+def autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: int) -> Policy:
+    from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
+
+    return HFGraniteSpeechPolicy.from_pretrained(
+        model_cfg.path, device=device, dtype=torch.float32,
+        freeze_encoder=model_cfg.freeze_encoder or not trainable,
+        train_projector=model_cfg.train_projector and trainable,
+        train_llm=model_cfg.train_llm and trainable,
+        lora=model_cfg.lora if trainable else None)
+
+
+def build_policy(model_cfg: Any, *, trainable: bool = True, seed: int = 0) -> Policy:
+    """The one policy factory: ``model_cfg.backend`` -> a ``Policy``. ``trainable=False`` builds a frozen copy
+    (the KL reference, evaluation). Weights are fp32 masters; bf16 is autocast by the recipe on GPU."""
+    import importlib
+
+    if model_cfg.backend not in BACKENDS:
+        raise ValueError(f"config key 'model.backend': unknown backend {model_cfg.backend!r}; known {list(BACKENDS)}")
+    if not os.path.isdir(model_cfg.path):
+        raise ValueError(f"config key 'model.path': {model_cfg.path!r} is not a directory")
+    mod, _, fn = BACKENDS[model_cfg.backend].partition(":")
+    builder = getattr(importlib.import_module(mod), fn)
+    policy = builder(model_cfg, device=pick_device(model_cfg.device), trainable=trainable, seed=seed)
+    if not trainable:
+        for p in policy.trainable_parameters():
+            p.requires_grad_(False)
+        policy.eval()
+    return policy
+
+
+# ------------------------------------------------------------------------------------------- schedule / rng -----
+
+
+def lr_at(step: int, total_steps: int, cfg: Any) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``: linear warmup over
+    ``warmup_ratio * total_steps`` steps, then cosine / linear decay to ``lr * min_lr_ratio`` (or constant)."""
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1.0 - frac
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def derive_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a block with python/numpy/torch global RNGs seeded from ``seed``, restoring the caller's states after.
+
+    Data loading and validation draw randomness here, so training randomness (sampling, dropout) does not depend on
+    how many batches were loaded or validations run — what makes resume (fast-forwarding the data) exact."""
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class DataStream:
+    """Endless batches over epochs of a finite loader, with a resumable position ``(epoch, index)``.
+
+    make_loader(epoch) -> a fresh iterable for that epoch (the loader reshuffles with its own seed per epoch).
+    Resuming fast-forwards ``index`` batches of the current epoch (replay, not random access: lhotse/NeMo loaders
+    have no cheap seek), each batch drawn under the same isolated RNG seed as the first time.
+    """
+
+    def __init__(self, make_loader: Callable[[int], Iterable], seed: int, name: str = "train"):
+        self.make_loader, self.seed, self.name = make_loader, seed, name
+        self.epoch, self.index = 0, 0
+        self._it: Iterator | None = None
+
+    def _open(self) -> None:
+        with isolated_rng(derive_seed(self.seed, self.name, self.epoch)):
+            self._it = iter(self.make_loader(self.epoch))
+
+    def _draw(self) -> Any:
+        if self._it is None:
+            self._open()
+        with isolated_rng(derive_seed(self.seed, self.name, self.epoch, self.index)):
+            return next(self._it)
+
+    def __iter__(self) -> "DataStream":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            batch = self._draw()
+        except StopIteration:
+            if self.index == 0:
+                raise ValueError(f"data split {self.name!r} yields no batches (empty or everything skipped)")
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+            batch = self._draw()
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._it = int(state["epoch"]), 0, None
+        for _ in range(int(state["index"])):
+            self._draw()
+            self.index += 1
