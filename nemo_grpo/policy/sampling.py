@@ -50,15 +50,19 @@ def token_logprobs(scaled: torch.Tensor, token_ids: torch.Tensor, return_entropy
     return picked, entropy
 
 
+def top_p_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus set: keep [N, V] bool, the smallest most-probable set with mass >= top_p (top token always kept)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # keep a token while the mass strictly before it is still below top_p
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
 def _draw(scaled: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(scaled), nucleus-truncated to the smallest set with mass >= top_p. [N, V]->[N]."""
+    """One token per row from softmax(scaled), restricted to the top-p nucleus. [N, V] -> [N]."""
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always survives)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(~top_p_keep(probs, top_p), 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
