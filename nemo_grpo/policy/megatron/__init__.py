@@ -2,5 +2,9 @@
 
 Modules: ``cpu_shims`` (CUDA hard-codes, CPU only), ``parallel`` (process groups), ``model`` (Granite GPTModel),
 ``convert`` (HF <-> megatron weights, TP shard/unshard), ``policy`` (``MegatronGraniteSpeechPolicy``).
-Imports are lazy: importing this package does not import megatron.
+Importing this package does not import megatron-core (it is imported inside functions).
 """
+
+from nemo_grpo.policy.megatron.policy import MegatronGraniteSpeechPolicy, build_policy  # noqa: E402
+
+__all__ = ["MegatronGraniteSpeechPolicy", "build_policy"]

@@ -94,6 +94,11 @@ _COLUMN = re.compile(r"(word_embeddings|output_layer|linear_qkv|linear_fc1)\.wei
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 
 
+def is_tp_sharded(name: str) -> bool:
+    """True for megatron tensors split over TP ranks (column- or row-parallel weights)."""
+    return bool(_COLUMN.search(name) or _ROW.search(name))
+
+
 def shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This TP rank's slice of a TP=1 megatron tensor (GLU-aware for ``linear_fc1``)."""
     if size == 1:
@@ -134,7 +139,7 @@ def gather_full_state(gpt) -> dict[str, torch.Tensor]:
         if "_extra_state" in name or not torch.is_tensor(p):
             continue
         t = p.detach().contiguous()
-        if size > 1 and (_COLUMN.search(name) or _ROW.search(name)):
+        if size > 1 and is_tp_sharded(name):
             parts = [torch.empty_like(t) for _ in range(size)]
             dist.all_gather(parts, t, group=group)
             t = unshard(name, parts)
@@ -161,8 +166,39 @@ def load_into_gpt(gpt, full: dict[str, torch.Tensor]) -> None:
             dst.copy_(src.to(dst.dtype))
 
 
+# on-disk (legacy, what save_pretrained writes and the released checkpoints use) -> module names (transformers 5)
+_LEGACY = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+           ("encoder.", "model.encoder."), ("projector.", "model.projector."))
+
+
+def normalize_key(key: str) -> str:
+    """Granite Speech tensor name in either on-disk layout -> the transformers-5 module name."""
+    for old, new in _LEGACY:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def to_legacy_key(key: str) -> str:
+    """Inverse of :func:`normalize_key` (the layout ``save_pretrained`` writes)."""
+    for old, new in _LEGACY:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def read_hf_state_file(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} missing")
+    return {normalize_key(k): v for k, v in load_file(path).items()}
+
+
 def read_hf_state(model_dir: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
-    """Tensors of a HF checkpoint dir (single or sharded safetensors) whose keys start with one of ``prefixes``."""
+    """Tensors of a HF checkpoint dir (single or sharded safetensors), keys normalised (:func:`normalize_key`) and
+    kept when they start with one of ``prefixes``."""
     from safetensors import safe_open
 
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -177,6 +213,7 @@ def read_hf_state(model_dir: str, prefixes: tuple[str, ...] = ("",)) -> dict[str
     for fname in files:
         with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
             for key in f.keys():
-                if key.startswith(prefixes):
-                    out[key] = f.get_tensor(key)
+                name = normalize_key(key)
+                if name.startswith(prefixes):
+                    out[name] = f.get_tensor(key)
     return out

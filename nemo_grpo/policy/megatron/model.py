@@ -9,7 +9,8 @@ Mapping (HF ``GraniteForCausalLM`` -> megatron-core), each one checked against H
 * ``residual_multiplier`` (both residual branches)    -> :class:`GraniteResidualBDA` replaces self_attn_bda/mlp_bda:
                                                           ``residual + m * branch`` (folding m into weights would
                                                           change Adam's effective step)
-* ``logits_scaling`` (logits / s)                     -> :func:`lm_logits` divides, before every sampler/log-prob
+* ``logits_scaling`` (logits / s)                     -> ``sampling.scale_logits`` on :func:`lm_logits`' raw
+                                                          output, before every sampler draw and vocab-parallel log-prob
 * RMSNorm, SwiGLU, GQA, RoPE theta, tied embeddings   -> native (``linear_fc1 = cat[gate, up]`` per TP shard,
                                                           ``linear_qkv`` grouped per query group)
 
@@ -85,8 +86,7 @@ class GraniteResidualBDA:
             if bias is not None:
                 x = x + bias
             x = F.dropout(x, p=prob, training=training)
-            residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
-            return residual + x * m
+            return residual + x * m  # dtype promotion keeps an fp32 residual stream under bf16 autocast (as HF)
 
         return bda
 
@@ -251,19 +251,17 @@ def attention_mask_4d(attention_mask: torch.Tensor, query_len: int | None = None
     return causal[None, None] | ~keep[:, None, None, :]
 
 
-def lm_logits(gpt, decoder_input: torch.Tensor, mask4d: torch.Tensor, logits_scaling: float,
-              inference_context=None) -> torch.Tensor:
-    """Granite logits / logits_scaling, vocab-parallel [B, S, V_pad/TP] (gathered [B, 1, V_pad] in decode).
+def lm_logits(gpt, decoder_input: torch.Tensor, mask4d: torch.Tensor, inference_context=None) -> torch.Tensor:
+    """RAW Granite LM-head logits (before ``logits_scaling``; ``sampling.scale_logits`` is the one place that
+    divides), vocab-parallel [B, S, V_pad/TP], or gathered [B, 1, V_pad] with an ``inference_context``.
 
-    Pad-vocab columns (>= the true vocab size) are set to the dtype's minimum so they never get sampled and carry
-    no probability mass.
+    Pad-vocab columns (>= the true vocab size) are set to the dtype's minimum so they carry no probability mass.
     """
     from megatron.core import parallel_state
 
     gather = inference_context is not None
     logits = gpt(input_ids=None, position_ids=None, attention_mask=mask4d, decoder_input=decoder_input,
                  inference_context=inference_context, runtime_gather_output=gather or None)
-    logits = logits.float() / logits_scaling  # log-probs and sampling in fp32 whatever the model dtype
     width = logits.shape[-1]
     start = 0 if gather else parallel_state.get_tensor_model_parallel_rank() * width
     if start + width > gpt.granite_vocab_size:
