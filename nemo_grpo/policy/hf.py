@@ -97,6 +97,18 @@ def load_hf_weights(model, ckpt_dir: str) -> None:
             tensor.copy_(cache[fname][fkey])
 
 
+def _ensure_distinct_pad(model, tokenizer) -> None:
+    """Granite's own tokenizer pads with <|end_of_text|>; masking pad would then hide eos and the model would never
+    learn to stop. Give it a separate ``<|pad|>`` (a spare embedding row when there is one, else resized)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    log.warning("tokenizer pad == eos: using a distinct pad token %r (id %d)", tokenizer.pad_token,
+                tokenizer.pad_token_id)
+
+
 class HFGraniteSpeechPolicy:
     """See the module docstring. Build with ``HFGraniteSpeechPolicy.from_pretrained``."""
 
@@ -140,6 +152,7 @@ class HFGraniteSpeechPolicy:
             raise ValueError(f"model path {path!r} is not a directory (hub names are not supported offline)")
         model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        _ensure_distinct_pad(model, tokenizer)
         model.to(device)
         for module in model.modules():  # dropout would make pi_old != pi_theta for the same weights (RL ratio)
             if isinstance(module, torch.nn.Dropout):

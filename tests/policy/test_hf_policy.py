@@ -242,3 +242,19 @@ def test_lora_training_and_round_trip(tiny_model_dir, tmp_path):
     with torch.no_grad():
         got, _ = reloaded.score(reloaded.encode(batch), tokens, group)
     assert (got - want).abs().max() < 1e-6
+
+
+def test_pad_equal_to_eos_gets_a_distinct_pad(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = str(tmp_path / "eospad")
+    shutil.copytree(tiny_model_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.pad_token = tok.eos_token  # what Granite's real tokenizer does
+    tok.save_pretrained(d)
+    assert AutoTokenizer.from_pretrained(d).pad_token_id == tok.eos_token_id
+    policy = HFGraniteSpeechPolicy.from_pretrained(d)
+    assert policy.pad_token_id != policy.eos_token_id
+    assert policy.pad_token_id < policy.model.get_input_embeddings().num_embeddings
