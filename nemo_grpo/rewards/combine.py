@@ -25,14 +25,15 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from nemo_grpo.rewards import neural as _bertscore
 from nemo_grpo.rewards import lexical as _lexical
 from nemo_grpo.rewards import meteor_offline as _meteor
 from nemo_grpo.rewards.lexical import check_pairs
+
+if TYPE_CHECKING:
+    import torch
 
 RewardFn = Callable[..., list[float]]
 
@@ -144,6 +145,8 @@ class RewardFunction:
         return out
 
     def __call__(self, hyps: list[str], refs: list[str]) -> RewardResult:
+        import torch  # lazy: scoring-only processes (pool workers, `evaluate`) need not pay torch's import
+
         check_pairs(hyps, refs)
         comps = {c.label: torch.tensor(c(list(hyps), list(refs)), dtype=torch.float32).reshape(len(hyps))
                  for c in self.components}

@@ -85,6 +85,11 @@ def ensure_wordnet(cache_dir: str | os.PathLike | None = None) -> Path:
             if str(root) in nltk.data.path:
                 nltk.data.path.remove(str(root))
             nltk.data.path.insert(0, str(root))
+        # Load now, under the lock: nltk's LazyCorpusLoader is not safe to trigger from two threads at once
+        # (e.g. RewardFunction.submit's worker and the caller).
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
     return root
 
 
