@@ -20,6 +20,7 @@ setup(
         "megatron-core>=0.16.1",
         "psutil",  # megatron dist_checkpointing hangs without it
         "soundfile",
+        "scipy",  # polyphase resampling of input audio
         "tokenizers",
         "rouge-score",
         "nltk",
