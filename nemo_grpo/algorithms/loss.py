@@ -138,7 +138,7 @@ def token_normalizer(mask: torch.Tensor) -> torch.Tensor:
 
 def sequence_normalizer(mask: torch.Tensor) -> torch.Tensor:
     """Local "grpo" normaliser: the number of sequences (rows of ``mask`` [N, T], empty ones included)."""
-    return torch.tensor(float(mask.shape[0]))
+    return torch.tensor(float(mask.shape[0]), device=mask.device)
 
 
 def loss_normalizer(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
@@ -178,6 +178,21 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg) -
 
 def _masked_mean(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     return torch.where(sel, x, 0).sum() / sel.sum().clamp(min=1)
+
+
+def _clipped(s: torch.Tensor, adv: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Eq. 2: min(s * A, clip(s, 1 - eps, 1 + eps_high) * A)."""
+    return torch.minimum(s * adv, torch.clamp(s, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high) * adv)
+
+
+def _surrogate(logp, old_logp, adv, off_policy, cfg):
+    """Per-token surrogate l [N, T] (both kinds), the on-policy ratio s [N, T] and the off-policy f(pi_theta)."""
+    ratio = torch.exp(logp - old_logp)  # only on-policy entries are used
+    p = torch.exp(logp)  # pi_theta / pi_phi with pi_phi = 1
+    gamma = cfg.off_policy_shaping_gamma
+    s_off = p if gamma is None else p / (p + gamma)
+    l_off = _clipped(s_off, adv, cfg) if cfg.clip_off_policy else s_off * adv
+    return torch.where(off_policy[:, None], l_off, _clipped(ratio, adv, cfg)), ratio, s_off
 
 
 def grpo_loss(
@@ -223,21 +238,10 @@ def grpo_loss(
     logp = torch.where(mask, logp.to(dt), 0.0)
     old_logp = torch.where(on_tok, old_logp.to(dt), 0.0)  # off-policy rows: no pi_old
 
-    ratio = torch.exp(logp - old_logp)  # [N, T]; only on-policy entries are used
-    clipped = torch.clamp(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
-    l_on = torch.minimum(ratio * adv, clipped * adv)
-
-    p = torch.exp(logp)  # pi_theta / pi_phi with pi_phi = 1
-    gamma = cfg.off_policy_shaping_gamma
-    s_off = p if gamma is None else p / (p + gamma)
-    if cfg.clip_off_policy:
-        l_off = torch.minimum(s_off * adv, torch.clamp(s_off, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high) * adv)
-    else:
-        l_off = s_off * adv
-    l = torch.where(off_policy[:, None], l_off, l_on)  # [N, T]
+    lterm, ratio, s_off = _surrogate(logp, old_logp, adv, off_policy, cfg)
 
     kl = None
-    per_token = -l
+    per_token = -lterm
     if ref_logp is not None:
         kl = kl_k3(logp, torch.where(mask, ref_logp.to(dt), 0.0))
         if cfg.kl_importance_correction:
@@ -253,26 +257,28 @@ def grpo_loss(
         seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(per_token.dtype)  # [N]
         loss = seq.sum() / norm
 
-    metrics = _metrics(l, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, logp.shape[0])
+    metrics = _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, logp.shape[0])
     return LossOutput(loss=loss, metrics=metrics)
 
 
 @torch.no_grad()
-def _metrics(l, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, n_seq):
-    m: dict[str, torch.Tensor] = {"loss": loss.detach(), "num_sequences": torch.tensor(float(n_seq))}
-    neg_inf = torch.tensor(float("-inf"), dtype=ratio.dtype, device=ratio.device)
+def _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, n_seq):
+    dev = ratio.device
+    m: dict[str, torch.Tensor] = {"loss": loss.detach(), "num_sequences": torch.tensor(float(n_seq), device=dev)}
+    zero = torch.zeros((), dtype=ratio.dtype, device=dev)
+    neg_inf = torch.tensor(float("-inf"), dtype=ratio.dtype, device=dev)
     for key, sel, s, clips in (("on", on_tok, ratio, True), ("off", off_tok, s_off, cfg.clip_off_policy)):
         m[f"{key}/num_tokens"] = sel.sum().to(torch.float32)
-        m[f"{key}/policy_loss"] = _masked_mean(-l, sel)
-        m[f"{key}/kl"] = _masked_mean(kl, sel) if kl is not None else torch.zeros((), dtype=ratio.dtype)
+        m[f"{key}/policy_loss"] = _masked_mean(-lterm, sel)
+        m[f"{key}/kl"] = _masked_mean(kl, sel) if kl is not None else zero
         if clips:
             low = (s < 1.0 - cfg.epsilon) & (adv < 0)
             high = (s > 1.0 + cfg.epsilon_high) & (adv > 0)
             m[f"{key}/clip_low"] = _masked_mean(low.to(ratio.dtype), sel)
             m[f"{key}/clip_high"] = _masked_mean(high.to(ratio.dtype), sel)
         else:
-            m[f"{key}/clip_low"] = torch.zeros((), dtype=ratio.dtype)
-            m[f"{key}/clip_high"] = torch.zeros((), dtype=ratio.dtype)
+            m[f"{key}/clip_low"] = zero
+            m[f"{key}/clip_high"] = zero
         m[f"{key}/ratio_mean"] = _masked_mean(s, sel)
         m[f"{key}/ratio_max"] = torch.where(sel, s, neg_inf).amax() if sel.numel() else neg_inf
         if entropy is not None:

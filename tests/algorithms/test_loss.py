@@ -245,6 +245,16 @@ def test_low_precision_inputs_are_computed_in_float32():
     assert out.loss.dtype == torch.float32
 
 
+def test_everything_stays_on_the_inputs_device():
+    """Run on the 'meta' device: any tensor created on the CPU by default would show up (or fail) here."""
+    logp, old, ref, mask, adv, off = (x.to("meta") for x in _batch())
+    cfg = LossConfig(loss_type="grpo", off_policy_shaping_gamma=0.1)
+    out = grpo_loss(logp, old, adv, mask, normalizer=loss_normalizer(mask, "grpo"), cfg=cfg, ref_logp=ref,
+                    off_policy=off, entropy=logp)
+    assert out.loss.device.type == "meta"
+    assert {v.device.type for v in reduce_metrics([out.metrics, out.metrics]).values()} == {"meta"}
+
+
 def test_input_and_config_errors():
     logp, old, ref, mask, adv, off = _batch()
     cfg = LossConfig()
