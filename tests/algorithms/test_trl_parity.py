@@ -72,7 +72,7 @@ def tiny_dir(tmp_path_factory):
     return _tiny_dir(tmp_path_factory)
 
 
-def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False):
+def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False, scale_rewards="group"):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -82,7 +82,7 @@ def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False)
         per_device_train_batch_size=len(PROMPTS) * G, num_generations=G, max_completion_length=8,
         beta=BETA, epsilon=EPS, epsilon_high=EPS_HIGH, loss_type=loss_type, save_strategy="no",
         model_init_kwargs={"dtype": torch.float64}, seed=0, bf16=False, fp16=False,
-        use_bias_correction_kl=kl_correction,
+        use_bias_correction_kl=kl_correction, scale_rewards=scale_rewards,
     )
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     ds = Dataset.from_dict({"prompt": PROMPTS})
@@ -110,8 +110,21 @@ def test_advantages_match_trl(rollout):
     trl_adv = out["advantages"].to(torch.float64)
     assert ours.flatten().abs().max() > 0.5  # the rollout produced real signal, not an all-zero batch
     torch.testing.assert_close(ours.flatten(), trl_adv, atol=1e-6, rtol=1e-6)
-    # The zero-variance group: exactly 0 here; TRL leaves the rounding residue of (r - mean) / 1e-4 (~0).
+    # The zero-variance group: exactly 0 by construction here; TRL's (r - mean) / 1e-4 can leave a rounding residue
+    # (~1e-13) when the float mean of equal rewards is off by an ulp.
     assert torch.equal(ours[1], torch.zeros(G, dtype=ours.dtype))
+
+
+def test_unscaled_advantages_match_trl_scale_rewards_none(tiny_dir, tmp_path_factory):
+    """TRL's scale_rewards="none" (Dr.GRPO) == group_advantages(scale_by_std=False)."""
+    reward = _RecordingReward()
+    trainer = _trainer(tiny_dir, tmp_path_factory, "dapo", reward, scale_rewards="none")
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(G)])
+    rewards = torch.tensor(reward.calls[-1], dtype=torch.float64).view(len(PROMPTS), G)
+    ours = group_advantages(rewards, scale_by_std=False)
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours.flatten(), out["advantages"].to(torch.float64), atol=1e-7, rtol=1e-6)
 
 
 def _hf_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
