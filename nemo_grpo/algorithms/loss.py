@@ -20,15 +20,16 @@ Aggregation (``loss_type``):
     "grpo" (DeepSeekMath / TRL "grpo"): per-sequence token mean, summed over sequences / ``normalizer`` = the
            number of sequences of the whole batch (``sequence_normalizer``; empty rows count, as in TRL).
 Because the normaliser is global, summing ``loss.backward()`` over micro-batches gives exactly the gradient of one
-pass over the whole batch (tested), and an all-reduce SUM of gradients over data-parallel ranks does the rest.
+pass over the whole batch (tested); across data-parallel ranks, SUM the gradients (or average them and divide the
+global normaliser by the DP size).
 
 Several policy updates per rollout batch (mu > 1): ``old_logp`` is the log-prob under the policy that sampled
 (stored at rollout time, e.g. ``Completions.logprobs``) and stays fixed for all mu updates; ``logp`` is recomputed
-with grad at every update. At the first update ``logp == old_logp`` numerically, so s = 1, nothing is clipped, and
-the gradient is the plain policy gradient ``-A * grad(logp)`` (plus the KL term).
+with grad at every update. At the first update ``logp == old_logp`` (up to sampling-vs-scoring numerics), so s = 1,
+nothing is clipped, and the gradient is the plain policy gradient ``-A * grad(logp)`` (plus the KL term; tested).
 
 Masked-out tokens (mask False) contribute exactly 0 to the loss AND the gradient, whatever garbage logp/old_logp
-hold there (their log-ratio is replaced by 0 before exp, so no inf * 0 = NaN).
+hold there (-inf, NaN): they are replaced by 0 with ``where`` before any arithmetic, never multiplied by the mask.
 """
 from __future__ import annotations
 
