@@ -1,0 +1,321 @@
+"""Shared benchmark helpers: environment, machine/version/commit record, timing, profiles, result files, and the
+GRPO step composed from the recipe's own functions.
+
+Every benchmark imports this module FIRST (``import common``): it pins one thread and offline mode before torch or
+transformers are imported, because on a 2-core shared box extra threads were 5-30x slower and a hub lookup stalls.
+
+The GRPO step (``grpo_step``) is the loop body of ``nemo_grpo.train.grpo.train_grpo`` minus its logging/checkpoint
+bookkeeping: ``rollout`` -> ``reward_fn`` -> ``advantages_and_mask`` -> ``reference_logprobs`` (beta > 0) ->
+``policy_update`` (score + ``grpo_loss`` + backward per micro-batch, then ``Policy.optimizer_step``). The recipe's
+functions are called as they are; ``StepSession`` supplies the few session attributes they read, borrowing
+``TrainSession``'s own ``autocast``/``optimizer_step`` methods.
+
+Shape legend: B prompts, G samples per prompt, N = B*G, T completion tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+for _k, _v in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("HF_HUB_OFFLINE", "1"),
+               ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("HF_DATASETS_OFFLINE", "1"),
+               ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a fresh clone without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------ machine record ------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "lhotse", "nemo-toolkit", "sacrebleu", "bert-score"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    """Short HEAD commit, with ``+dirty`` when tracked files differ (the numbers may not be that commit's)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, logical cores, torch threads and the 1/5/15-min load average (the box is shared: record it)."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+
+
+def record(name: str, args: Any) -> dict[str, Any]:
+    """The header every result JSON starts with."""
+    return {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(),
+            "machine": machine(), "versions": versions(),
+            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+
+
+# ------------------------------------------------------------------------------------------ timing --------------
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def summary(xs: list[float]) -> dict[str, Any]:
+    """Median, min, max and the raw values (seconds unless stated)."""
+    return {"median": median(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None,
+            "n": len(xs), "values": [round(x, 6) for x in xs]}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def cprofile_top(fn: Callable[[], Any], top: int = 20, sort: str = "tottime") -> str:
+    """Run ``fn`` once under cProfile; the ``top`` entries by ``sort`` as text (for the .md where a goal is missed)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(sort)
+    stats.print_stats(top)
+    text = buf.getvalue()
+    start = text.find("   ncalls")  # drop pstats' preamble lines
+    return text[start:] if start >= 0 else text
+
+
+def torch_profile_top(fn: Callable[[], Any], top: int = 15) -> str:
+    """Run ``fn`` once under torch.profiler (CPU); operator table sorted by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+# ------------------------------------------------------------------------------------------ result files --------
+def md_header(rec: dict[str, Any], title: str) -> list[str]:
+    m, v = rec["machine"], rec["versions"]
+    return [
+        f"# {title}", "",
+        f"- date: {rec['date']}; commit: `{rec['commit']}`",
+        f"- machine: {m['cpu']}, {m['cores']} logical cores, torch threads {m['torch_threads']}, "
+        f"load average {m['load_avg']} (shared box: absolute times are noisy; ratios are measured side by side)",
+        f"- versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
+        f"lhotse {v['lhotse']}, python {v['python']}",
+        f"- args: `{json.dumps(rec['args'])}`", "",
+    ]
+
+
+def write_results(name: str, rec: dict[str, Any], md_lines: list[str], out_dir: str | os.PathLike) -> Path:
+    """Write ``<out_dir>/<name>.json`` and ``<name>.md``; returns the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rec["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(rec, indent=1, default=str) + "\n", encoding="utf-8")
+    (out / f"{name}.md").write_text("\n".join(md_lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def code_block(text: str) -> list[str]:
+    return ["```", text.rstrip(), "```", ""]
+
+
+def verdict(ratio: float, goal: float, higher_is_better: bool) -> str:
+    ok = ratio >= goal if higher_is_better else ratio <= goal
+    return f"{'MET' if ok else 'MISSED'} (goal {'>=' if higher_is_better else '<='} {goal})"
+
+
+# ------------------------------------------------------------------------------------------ inputs --------------
+def make_tiny_model(out_dir: str, **overrides: Any) -> str:
+    """The project's tiny random Granite Speech (``nemo_grpo.policy.tiny.make_tiny``, seed 0) in ``out_dir``."""
+    from nemo_grpo.policy.tiny import make_tiny
+
+    return make_tiny(out_dir, seed=0, **overrides)
+
+
+SENTENCES = (
+    "the red box is on the left of the table",
+    "what color is the ball under the chair",
+    "three four one two nine",
+    "the small dog sleeps near the big house by the river",
+)
+
+
+def espeak_waves(texts: tuple[str, ...] = SENTENCES, voice: str = "en-us") -> list[torch.Tensor]:
+    """Real speech: espeak-ng renders each text (22.05 kHz WAV on stdout), resampled to 16 kHz. -> [S_b] floats."""
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is required for real audio (apt-get install espeak-ng)")
+    waves = []
+    for text in texts:
+        wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], capture_output=True, check=True).stdout
+        audio, sr = sf.read(io.BytesIO(wav), dtype="float32")
+        if audio.ndim > 1:
+            audio = audio[:, 0]
+        g = np.gcd(16000, sr)
+        waves.append(torch.from_numpy(resample_poly(audio, 16000 // g, sr // g).astype("float32")))
+    return waves
+
+
+def speech_batch(policy: Any, num_prompts: int, message: str = "<|audio|> answer the question") -> Any:
+    """B espeak-ng prompts through the project's prompt builder (``build_prompt_batch``)."""
+    from nemo_grpo.policy.inputs import build_prompt_batch
+
+    texts = tuple(SENTENCES[i % len(SENTENCES)] for i in range(num_prompts))
+    waves = espeak_waves(texts)
+    return build_prompt_batch(policy.tokenizer, waves, [message] * num_prompts, list(texts),
+                              [f"utt{i}" for i in range(num_prompts)], policy.config)
+
+
+@contextlib.contextmanager
+def fixed_length(policy: Any) -> Iterator[None]:
+    """Every sample runs to ``max_new_tokens``: the sampler's stop test compares with ``policy.eos_token_id``, so an
+    id no token has (-1) never stops a row. Sampled eos tokens stay ordinary tokens, so compute per step is exactly
+    that of T tokens for all N rows (HF/TRL get ``min_new_tokens=T`` for the same effect)."""
+    eos = policy.eos_token_id
+    policy.eos_token_id = -1
+    try:
+        yield
+    finally:
+        policy.eos_token_id = eos
+
+
+# ------------------------------------------------------------------------------------------ the GRPO step -------
+def train_config(model_dir: str, **grpo: Any) -> Any:
+    """A validated ``TrainConfig`` (paper defaults: G=8, beta 0.02, dapo, eps 0.2) with ``grpo`` overrides; lr
+    constant so every timed step does the same work; one micro-batch per step unless ``micro_batch_size`` is given."""
+    from nemo_grpo.train.config import validate
+
+    mbs = grpo.pop("micro_batch_size", 1024)
+    raw = {"model": {"path": model_dir, "device": "cpu", "precision": "fp32"}, "grpo": grpo,
+           "optim": {"lr": 1e-6, "schedule": "constant"},
+           "trainer": {"max_steps": 10**6, "micro_batch_size": mbs, "val_every": 0, "save_every": 0,
+                       "test_at_end": False},
+           "logging": {"tensorboard": False, "progress_bar": False, "plot": False}}
+    return validate(raw)
+
+
+class StepSession:
+    """The attributes of ``TrainSession`` that the recipe's step functions read (cfg, policy, dp_size, autocast,
+    optimizer_step, generator), with ``TrainSession``'s own ``autocast`` and ``optimizer_step`` methods."""
+
+    from nemo_grpo.train.session import TrainSession as _TS
+
+    autocast = _TS.autocast
+    optimizer_step = _TS.optimizer_step
+
+    def __init__(self, cfg: Any, policy: Any, seed: int = 0):
+        self.cfg, self.policy = cfg, policy
+        self.dp_rank, self.dp_size, self.bf16 = 0, 1, False
+        self.opt_step, self.total_opt_steps = 0, cfg.trainer.max_steps * cfg.grpo.num_iterations
+        self.generator = torch.Generator().manual_seed(seed)
+        o = cfg.optim
+        policy.configure_optimizer(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+                                   max_grad_norm=o.max_grad_norm)
+        policy.train()
+
+
+def build_reference(s: StepSession) -> Any:
+    """The frozen KL reference exactly as ``train_grpo`` builds it (None when beta == 0)."""
+    from nemo_grpo.train import runtime
+
+    if s.cfg.grpo.beta <= 0:
+        return None
+    return runtime.build_policy(s.cfg.model, trainable=False, seed=s.cfg.seed)
+
+
+def grpo_step(s: StepSession, batch: Any, reward_fn: Any, ref: Any = None,
+              phases: dict[str, float] | None = None) -> dict[str, float]:
+    """One GRPO step on ``batch`` (B prompts) = the body of ``train_grpo``'s loop without logging; adds each
+    phase's seconds into ``phases`` (rollout, reward, advantages, reference, train). Returns the step metrics."""
+    from nemo_grpo.rollout import rollout
+    from nemo_grpo.train.grpo import advantages_and_mask, loss_config, policy_update, reference_logprobs, reward_stats
+
+    cfg, g = s.cfg, s.cfg.grpo
+    ph = phases if phases is not None else {}
+
+    def tick(name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        ph[name] = ph.get(name, 0.0) + t1 - t0
+        return t1
+
+    t = time.perf_counter()
+    ro = rollout(s.policy, batch, num_samples=g.num_generations, mixed_policy=cfg.algorithm == "mp_grpo",
+                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, generator=s.generator)
+    comps = ro.completions
+    t = tick("rollout", t)
+    refs = [batch.references[i] for i in comps.group.tolist()]
+    rewards = reward_fn(comps.texts, refs)
+    t = tick("reward", t)
+    adv, mask, stats = advantages_and_mask(rewards.total, comps, cfg)
+    t = tick("advantages", t)
+    ref_logp = reference_logprobs(ref, batch, comps, cfg, s) if ref is not None else None
+    t = tick("reference", t)
+    metrics = policy_update(s, ro.ctx, comps, adv, mask, ref_logp, loss_config(cfg))
+    tick("train", t)
+    return {**ro.stats, **stats, **reward_stats(rewards, comps), **metrics}
+
+
+def quiet() -> None:
+    """No progress bars / info chatter from transformers, datasets and TRL in benchmark output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
