@@ -31,6 +31,8 @@ from nemo_grpo.policy.sampling import sample_tokens, scale_logits
 
 log = logging.getLogger(__name__)
 
+# distributed-optimizer state in the canonical per-parameter layout, so a checkpoint reshards over TP and DP
+_OPTIM_CKPT = {"distrib_optim_sharding_type": "fully_reshardable"}
 BACKEND_OPTIONS = ("fp8", "fp8_recipe", "use_distributed_optimizer", "params_dtype")
 
 
@@ -257,19 +259,24 @@ class MegatronGraniteSpeechPolicy:
 
     @contextlib.contextmanager
     def _inference_mode(self):
-        """Eval + no grad + sequence parallelism off (a 1-token decode step cannot be split over TP ranks)."""
-        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+        """Eval + no grad + sequence parallelism off (a 1-token decode step cannot be split over TP ranks).
 
-        was_training, sp = self.gpt.training, self.gpt.config.sequence_parallel
+        Like megatron's ``set_model_to_sequence_parallel`` but restoring each module's own flag (that helper
+        would switch the embedding's scatter flags on, which this model builds off)."""
+        was_training = self.gpt.training
+        saved = [(m, m.sequence_parallel) for m in self.gpt.modules() if hasattr(m, "sequence_parallel")]
+        sp = self.gpt.config.sequence_parallel
         self.gpt.eval()
-        if sp:
-            set_model_to_sequence_parallel(self.gpt, False)
+        for m, _ in saved:
+            m.sequence_parallel = False
+        self.gpt.config.sequence_parallel = False
         try:
             with torch.no_grad():
                 yield
         finally:
-            if sp:
-                set_model_to_sequence_parallel(self.gpt, True)
+            for m, flag in saved:
+                m.sequence_parallel = flag
+            self.gpt.config.sequence_parallel = sp
             self.gpt.train(was_training)
 
     def _tp_synced_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
@@ -328,11 +335,21 @@ class MegatronGraniteSpeechPolicy:
             # config_overrides={}: weight decay on every parameter, as torch AdamW in the HF backend
             self.optimizer = get_megatron_optimizer(cfg, [self.ddp], config_overrides={})
 
-    def finalize_grads(self) -> None:
-        """DP average (DDP buffers) + TP sum of sequence-parallel norm grads; ``optimizer_step`` calls it."""
+    def finalize_grads(self, all_reduce: bool = False) -> None:
+        """DP average (DDP buffers) + TP sum of sequence-parallel norm grads; ``optimizer_step`` calls it.
+
+        With the distributed optimizer each DP rank then holds only its shard of the reduced gradient;
+        ``all_reduce=True`` makes every rank hold all of it (to inspect gradients, e.g. ``full_grads_hf``)."""
         from megatron.core.distributed import finalize_model_grads
 
-        finalize_model_grads([self.ddp])
+        with cpu_shims.cuda_to_cpu():
+            finalize_model_grads([self.ddp], force_all_reduce=all_reduce)
+
+    def zero_grads(self) -> None:
+        """Drop accumulated gradients without stepping."""
+        self.ddp.zero_grad_buffer()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad()
 
     def optimizer_step(self, lr: float) -> float:
         """Reduce grads over DP, clip to max_grad_norm, AdamW step at ``lr``, zero grads; returns the norm."""
@@ -350,7 +367,8 @@ class MegatronGraniteSpeechPolicy:
         return float(grad_norm)
 
     def full_grads_hf(self) -> dict[str, torch.Tensor]:
-        """HF-named full gradients (TP gathered) of the trainable LLM + projector; for equivalence tests."""
+        """HF-named full gradients (TP gathered) of the trainable LLM + projector, for equivalence tests; call
+        ``finalize_grads(all_reduce=True)`` first."""
         grads = {}
         for name, p in self.gpt.named_parameters():
             if p.requires_grad:
@@ -365,10 +383,13 @@ class MegatronGraniteSpeechPolicy:
 
     # ---------------------------------------------------------------- checkpoints / export
     def _model_sharded_state_dict(self) -> dict:
+        from megatron.core import parallel_state
         from megatron.core.transformer.utils import sharded_state_dict_default
 
         sd = self.gpt.sharded_state_dict(prefix="llm.")
-        sd.update(sharded_state_dict_default(self.module.projector, prefix="projector."))
+        # replicated over TP and DP: one writer (replica id 0) among all ranks
+        sd.update(sharded_state_dict_default(self.module.projector, prefix="projector.",
+                                             tp_group=parallel_state.get_tensor_model_parallel_group()))
         return sd
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
@@ -381,9 +402,9 @@ class MegatronGraniteSpeechPolicy:
         dist.barrier()
         model_sd = self._model_sharded_state_dict()
         state = {"model": model_sd}
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
         with cpu_shims.cuda_to_cpu():
+            if self.optimizer is not None:
+                state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_CKPT)
             dist_checkpointing.save(state, ckpt_dir)
         dist.barrier()
 
@@ -395,17 +416,33 @@ class MegatronGraniteSpeechPolicy:
             raise ValueError(f"{ckpt_dir}: not a checkpoint directory")
         model_sd = self._model_sharded_state_dict()
         state = {"model": model_sd}
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
         with cpu_shims.cuda_to_cpu():
+            if self.optimizer is not None:
+                self._init_optimizer_state()
+                state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                       metadata=_OPTIM_CKPT)
             loaded = dist_checkpointing.load(state, ckpt_dir)
         model = loaded["model"]
         self.gpt.load_state_dict({k[4:]: v for k, v in model.items() if k.startswith("llm.")}, strict=False)
         self.module.projector.load_state_dict(
             {k[len("projector."):]: v for k, v in model.items() if k.startswith("projector.")})
         if self.optimizer is not None:
-            with cpu_shims.cuda_to_cpu():
+            with cpu_shims.cuda_to_cpu(), _adam_state_load_fixes(self.optimizer):
                 self.optimizer.load_state_dict(loaded["optimizer"])
+
+    def _init_optimizer_state(self) -> None:
+        """Zero Adam moments + step for every parameter not stepped yet (the load template). megatron-core 0.16's
+        own init_state_fn omits torch Adam's ``step``, which its DistributedOptimizer.state_dict then requires
+        (the no-apex/no-TE path)."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    st = inner.state[p]
+                    if not st:
+                        st["exp_avg"] = torch.zeros_like(p)
+                        st["exp_avg_sq"] = torch.zeros_like(p)
+                        st["step"] = torch.tensor(0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named full weights (LLM gathered over TP, projector, encoder): a TP-independent view."""
@@ -449,6 +486,45 @@ class MegatronGraniteSpeechPolicy:
 
     def eval(self) -> "MegatronGraniteSpeechPolicy":
         return self.train(False)
+
+
+@contextlib.contextmanager
+def _adam_state_load_fixes(optimizer):
+    """Two megatron-core 0.16 bugs on the no-apex/no-TE path (CPU, or a GPU box without them), around
+    DistributedOptimizer.load_state_dict:
+
+    1. it puts torch Adam's ``step`` into every param state, then copies each param's checkpointed tensors over
+       ``{param, **state}`` and fails on ``step``, which fully_reshardable checkpoints do not store per param: feed
+       the already-restored step back as its own source (a no-op copy) during the load;
+    2. that ``step`` is ONE tensor shared by all params, which torch AdamW then increments in place once per param
+       per step (wrong bias correction from the second step on): give every param its own copy after the load."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    patched = []
+    if not dopt.HAVE_APEX_OR_TE:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if not isinstance(opt, dopt.DistributedOptimizer):
+                continue
+            orig = opt._set_main_param_and_optimizer_states
+
+            def with_step(model_param, tensors, opt=opt, orig=orig):
+                if "step" not in tensors:
+                    gi, go = opt.model_param_group_index_map[model_param]
+                    state = opt.optimizer.state[opt.optimizer.param_groups[gi]["params"][go]]
+                    if "step" in state:
+                        tensors = {**tensors, "step": state["step"]}
+                return orig(model_param, tensors)
+
+            opt._set_main_param_and_optimizer_states = with_step
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+            for state in opt.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
 
 
 def _gather_named(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
