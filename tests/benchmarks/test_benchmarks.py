@@ -1,0 +1,94 @@
+"""Smoke tests: every benchmark runs end to end at tiny sizes and writes consistent results (no timing assertions),
+plus the premises the comparisons rest on (same model both sides, forced lengths, the scaling fit)."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _bench(name: str):
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
+def _load(out: Path, name: str) -> dict:
+    rec = json.loads((out / f"{name}.json").read_text())
+    assert (out / f"{name}.md").read_text().startswith("# ")
+    for key in ("date", "commit", "machine", "versions"):
+        assert rec[key], key
+    assert rec["machine"]["torch_threads"] == 1
+    assert rec["versions"]["trl"] and rec["versions"]["torch"]
+    return rec
+
+
+def test_grpo_vs_trl_smoke(tmp_path):
+    bench = _bench("bench_grpo_vs_trl")
+    rec = bench.main(["--smoke", "--out", str(tmp_path)])
+    rec = _load(tmp_path, "bench_grpo_vs_trl")
+    s = rec["step_s"]
+    assert s["ours_text"]["n"] == s["trl"]["n"] == s["ours_audio"]["n"] == 1
+    assert math.isclose(rec["ratio_ours_over_trl"], s["ours_text"]["median"] / s["trl"]["median"], rel_tol=1e-9)
+    # both sides really run the same network: our scoring == GraniteForCausalLM's log-softmax
+    assert rec["logprob_max_abs_diff_vs_GraniteForCausalLM"] < 1e-5
+    assert set(rec["phases_s_total"]["ours_text"]) == {"rollout", "reward", "advantages", "reference", "train"}
+
+
+def test_rollout_smoke(tmp_path):
+    bench = _bench("bench_rollout")
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    rec = _load(tmp_path, "bench_rollout")
+    assert rec["settings"]["tokens_per_call"] == 1 * 2 * 4
+    tps = rec["tokens_per_s"]
+    assert math.isclose(rec["ratio_ours_over_hf"], tps["ours"]["median"] / tps["hf"]["median"], rel_tol=1e-9)
+    assert all(a > 0 for a in rec["settings"]["audio_s"])  # real espeak-ng audio, not silence placeholders
+
+
+def test_step_share_smoke(tmp_path, toy_corpus_dir):
+    bench = _bench("bench_step_share")
+    bench.main(["--smoke", "--rewards", "bleu", "chrf", "--corpus-dir", toy_corpus_dir, "--out", str(tmp_path)])
+    rec = _load(tmp_path, "bench_step_share")
+    assert set(rec["results"]) == {"bleu", "chrf"}
+    for r in rec["results"].values():
+        assert 0 < r["data"] < 1 and 0 < r["reward"] < 1
+        assert math.isclose(r["share"], r["data"] + r["reward"])
+        assert r["prompts_per_step"] and all(b >= 1 for b in r["prompts_per_step"])
+
+
+def test_scaling_smoke(tmp_path):
+    bench = _bench("bench_scaling")
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    rec = _load(tmp_path, "bench_scaling")
+    assert {(r["G"], r["T"]) for r in rec["rows"]} == {(2, 4), (3, 4), (2, 2)}
+    assert all(math.isfinite(rec[k]) for k in ("slope_vs_G", "slope_vs_T"))
+
+
+def test_slope_is_the_log_log_exponent():
+    bench = _bench("bench_scaling")
+    assert bench.slope([(4, 1.0), (8, 2.0), (16, 4.0)]) == pytest.approx(1.0)
+    assert bench.slope([(50, 3.0), (200, 48.0)]) == pytest.approx(2.0)
+
+
+def test_fixed_length_forces_t_tokens_and_restores_eos(tiny_model_dir):
+    common = _bench("common")
+    from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
+
+    policy = HFGraniteSpeechPolicy.from_pretrained(tiny_model_dir)
+    ctx = policy.encode(common.speech_batch(policy, 1))
+    greedy = policy.generate(ctx, 1, 6, temperature=0.0)
+    # declare the greedy first token the stop token: an unforced greedy run now stops after 1 token
+    policy.eos_token_id = int(greedy.token_ids[0, 0])
+    stopped = policy.generate(ctx, 2, 6, temperature=0.0)
+    assert stopped.mask.sum(1).tolist() == [1, 1]
+    with common.fixed_length(policy):
+        forced = policy.generate(ctx, 2, 6, temperature=0.0)
+    assert forced.mask.all() and forced.token_ids.shape == (2, 6)
+    assert policy.eos_token_id == int(greedy.token_ids[0, 0])  # restored
