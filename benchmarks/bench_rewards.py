@@ -102,7 +102,8 @@ def bench_one(name, ours, lib, batches, exact: bool, repeats: int) -> dict:
     max_diff = max(diffs) if diffs else 0.0
     if exact and max_diff != 0.0:
         raise AssertionError(f"{name}: ours differs from the library by {max_diff}")
-    return {"reward": name, "pairs": n_pairs, "repeats": repeats, "ours_pairs_per_s": n_pairs / t_ours, "lib_pairs_per_s": n_pairs / t_lib,
+    return {"reward": name, "pairs": n_pairs, "repeats": repeats, "ours_pairs_per_s": n_pairs / t_ours,
+            "lib_pairs_per_s": n_pairs / t_lib,
             "speedup": t_lib / t_ours, "max_abs_diff": max_diff}
 
 
@@ -126,7 +127,8 @@ def to_markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Reward throughput (B={res['B']} x G={res['G']} pairs per batch, {res['batches']} batches)", "",
              f"{m['cpu_count']} CPUs visible, torch threads {m['torch_threads']}, load average at start "
-             f"{m['loadavg_1min']:.1f} (shared machine: process CPU time, best of several interleaved runs), Python {m['python']}.",
+             f"{m['loadavg_1min']:.1f} (shared machine: process CPU time, best of several interleaved runs), "
+             f"Python {m['python']}.",
              "`python benchmarks/bench_rewards.py` — ours = nemo_grpo.rewards on the whole batch (grouped by "
              "reference, identical pairs once; BERTScore batched); library = one library call per pair.", ""]
     for sc in res["scenarios"]:
@@ -137,7 +139,7 @@ def to_markdown(res: dict) -> str:
                          f"{r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |")
         lines.append("")
     s = res["submit"]
-    lines += ["## Off the critical path: RewardFunction.submit (meteor 0.5 + bertscore 0.5)", "",
+    lines += ["## Off the critical path: RewardFunction.submit (meteor 0.5 + bertscore 0.5), wall time", "",
               f"- caller blocked by submit(): {s['submit_blocking_ms_per_batch']:.2f} ms/batch",
               f"- worker finished all batches: {s['pool_total_ms_per_batch']:.1f} ms/batch "
               f"(synchronous call: {s['sync_ms_per_batch']:.1f} ms/batch)", "",

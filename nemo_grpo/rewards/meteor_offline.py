@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from nemo_grpo.rewards.lexical import score_grouped
@@ -64,10 +63,11 @@ def _build(src: Path, dest: Path) -> None:
         os.chmod(dest / name, 0o644)  # not group-writable, like an nltk_data download
 
 
-def ensure_wordnet(cache_dir: str | os.PathLike | None = None) -> Path:
+def ensure_wordnet(cache_dir: str | os.PathLike | None = None, load: bool = True) -> Path:
     """Make ``<cache_dir>/corpora/wordnet`` (LF-converted copy) exist and put cache_dir first on nltk.data.path.
 
-    Idempotent and safe under concurrent calls from threads and processes. Returns the nltk data root.
+    Idempotent and safe under concurrent calls from threads and processes. load=True also loads nltk's WordNet
+    reader now (~1-3 s once per process). Returns the nltk data root.
     """
     import nltk
 
@@ -85,11 +85,12 @@ def ensure_wordnet(cache_dir: str | os.PathLike | None = None) -> Path:
             if str(root) in nltk.data.path:
                 nltk.data.path.remove(str(root))
             nltk.data.path.insert(0, str(root))
-        # Load now, under the lock: nltk's LazyCorpusLoader is not safe to trigger from two threads at once
-        # (e.g. RewardFunction.submit's worker and the caller).
-        from nltk.corpus import wordnet
+        if load:
+            # Load now, under the lock: nltk's LazyCorpusLoader is not safe to trigger from two threads at once
+            # (e.g. RewardFunction.submit's worker and the caller).
+            from nltk.corpus import wordnet
 
-        wordnet.ensure_loaded()
+            wordnet.ensure_loaded()
     return root
 
 
@@ -143,8 +144,3 @@ def meteor(hyps: list[str], refs: list[str], *, alpha: float = 0.9, beta: float 
 
     return score_grouped(hyps, refs, meteor_tokenize, score)
 
-
-def corpus_meteor(hyps: Sequence[str], refs: Sequence[str], **options) -> float:
-    """Mean sentence METEOR over the corpus, x100 (what the paper's tables report)."""
-    scores = meteor(list(hyps), list(refs), **options)
-    return 100.0 * sum(scores) / max(len(scores), 1)

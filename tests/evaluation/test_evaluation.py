@@ -63,8 +63,8 @@ def test_table_avg_reproduces_paper_table3_row():
     md = markdown_table({"Granite Speech 2B": paper, "+ GRPO": {**paper, "BERTScore": None}}, avg=True,
                         row_header="Reward", footnotes=False)
     lines = md.strip().splitlines()
-    assert lines[0] == ("| Reward | BLEU (↑) | BERTScore (↑) | ROUGE-1 (↑) | ROUGE-2 (↑) | ROUGE-L (↑) | METEOR (↑) "
-                        "| AVG (↑) |")
+    assert lines[0] == ("| Reward | BLEU (↑) | BERTScore (↑) | ROUGE-1 (↑) | ROUGE-2 (↑) | ROUGE-L (↑) "
+                        "| METEOR (↑) | AVG (↑) |")
     assert lines[2] == "| Granite Speech 2B | 44.90 | 94.45 | 68.56 | 53.35 | 64.88 | 68.48 | 65.77 |"
     assert lines[3] == "| + GRPO | 44.90 | - | 68.56 | 53.35 | 64.88 | 68.48 | - |"
 

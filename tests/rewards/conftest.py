@@ -15,7 +15,8 @@ DE_REFS = [
     "Über den Fluß führt eine alte Brücke aus Stein.",
     "Größere Mädchen laufen schneller über die Wiese.",
 ]
-_EXTRA = {"en": ["green", "table", "quickly", "the", "is", "running"], "de": ["grün", "Tisch", "schnell", "die", "ist"]}
+_EXTRA = {"en": ["green", "table", "quickly", "the", "is", "running"],
+          "de": ["grün", "Tisch", "schnell", "die", "ist"]}
 
 
 def _perturb(ref: str, rng: random.Random, lang: str) -> str:
