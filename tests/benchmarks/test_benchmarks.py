@@ -46,10 +46,14 @@ def test_rollout_smoke(tmp_path):
     bench = _bench("bench_rollout")
     bench.main(["--smoke", "--out", str(tmp_path)])
     rec = _load(tmp_path, "bench_rollout")
-    assert rec["settings"]["tokens_per_call"] == 1 * 2 * 4
-    tps = rec["tokens_per_s"]
-    assert math.isclose(rec["ratio_ours_over_hf"], tps["ours"]["median"] / tps["hf"]["median"], rel_tol=1e-9)
-    assert all(a > 0 for a in rec["settings"]["audio_s"])  # real espeak-ng audio, not silence placeholders
+    assert set(rec["settings"]) == {"toy_utterances", "long_audio_3s"}
+    for st in rec["settings"].values():
+        assert st["tokens_per_call"] == 1 * 2 * 4
+        tps = st["tokens_per_s"]
+        assert math.isclose(st["ratio_ours_over_hf"], tps["ours"]["median"] / tps["hf"]["median"], rel_tol=1e-9)
+    # real espeak-ng audio of different lengths: the long setting has more audio and more prompt tokens
+    toy, long = rec["settings"]["toy_utterances"], rec["settings"]["long_audio_3s"]
+    assert 1.0 < toy["audio_s_max"] < long["audio_s_max"] and toy["prompt_tokens"] < long["prompt_tokens"]
 
 
 def test_step_share_smoke(tmp_path, toy_corpus_dir):
