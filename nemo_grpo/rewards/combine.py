@@ -109,6 +109,12 @@ class RewardResult:
     total: torch.Tensor
     components: dict[str, torch.Tensor]
 
+    def means(self, prefix: str = "reward/") -> dict[str, float]:
+        """Batch means for logging: {prefix+'total': .., prefix+label: ..} (Python floats, one sync per call)."""
+        out = {f"{prefix}total": float(self.total.mean())}
+        out.update({f"{prefix}{k}": float(v.mean()) for k, v in self.components.items()})
+        return out
+
 
 class RewardFunction:
     """A weighted mix of rewards: ``rf(hyps, refs) -> RewardResult``; ``rf.submit(hyps, refs) -> Future``.

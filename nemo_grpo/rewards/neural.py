@@ -63,11 +63,12 @@ def bertscore(hyps: list[str], refs: list[str], *, model: str | None = None, num
               device: str | None = None, batch_size: int = 64) -> list[float]:
     """BERTScore F1 per pair, from ``BERTScorer(model_type=model, num_layers=..).score(hyps, refs)``.
 
-    model: local HF model directory, or None/'minilm' for the MiniLM wheel. Blank hypotheses -> 0.0 without
-    calling the model. N floats (F1 of cosine similarities; in [0, 1] in practice, clamped at 0).
+    model: local HF model directory, or None/'minilm' for the MiniLM wheel. Blank hypotheses (and blank
+    references) -> 0.0 without calling the model: bert-score 0.3.12 crashes on empty text with transformers 5.
+    N floats (F1 of cosine similarities; in [0, 1] in practice, clamped at 0).
     """
     check_pairs(hyps, refs)
-    keep = [i for i, h in enumerate(hyps) if h.strip()]
+    keep = [i for i, (h, r) in enumerate(zip(hyps, refs)) if h.strip() and r.strip()]
     out = [0.0] * len(hyps)
     if not keep:
         return out

@@ -44,6 +44,8 @@ def test_bertscore_ranks_closer_hypotheses_higher(scorer):
 
 def test_bertscore_blank_hypotheses_zero_without_model_call(scorer):
     assert bertscore(["", "   "], ["a", "b"]) == [0.0, 0.0]
+    got = bertscore(["a cat", "a cat"], ["", "a cat"])  # blank reference: 0, the other pair unaffected
+    assert got[0] == 0.0 and got[1] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_bertscore_rejects_hub_names():

@@ -33,6 +33,9 @@ def test_weighted_mix_matches_libraries_and_keeps_components(group_batch):
     assert res.total.shape == (len(hyps),) and res.total.dtype == torch.float32
     assert torch.equal(res.components["bleu"], b) and torch.equal(res.components["rougeL"], rl)
     torch.testing.assert_close(res.total, 0.25 * b + 0.75 * rl, rtol=0, atol=1e-7)
+    logged = res.means()
+    assert set(logged) == {"reward/total", "reward/bleu", "reward/rougeL"}
+    assert logged["reward/bleu"] == pytest.approx(b.mean().item())
     # Use the library's German stemmer/tokenizer choice in the record: ROUGE stemming must be visible in logs.
     assert rf.describe()[1]["options"] == {"use_stemmer": True, "tokenizer": None, "lang": "de"}
 
