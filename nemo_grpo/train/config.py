@@ -125,7 +125,7 @@ class TrainConfig:
     resume: str = "auto"  # "auto" (latest checkpoint in output_dir if any), "never", or a checkpoint dir
     model: ModelConfig = field(default_factory=ModelConfig)
     data: dict[str, Any] = field(default_factory=dict)  # validated by nemo_grpo.data (conf/data/*.yaml)
-    reward: dict[str, Any] = field(default_factory=lambda: {"name": "bleu"})  # nemo_grpo.rewards.build_reward spec
+    reward: Any = "bleu"  # a nemo_grpo.rewards.build_reward spec: "bleu", {bleu: 1.0}, [{name: bleu, weight: 1}, ...]
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

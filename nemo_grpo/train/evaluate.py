@@ -25,7 +25,7 @@ def make_loader_factory(cfg: Any, tokenizer: Any, dp_rank: int, dp_size: int) ->
     epoch (seed derived from ``cfg.seed``, the split and the epoch)."""
     from transformers import AutoConfig
 
-    from nemo_grpo.data import build_dataloader
+    from nemo_grpo.data.dataset import build_dataloader
 
     model_config = AutoConfig.from_pretrained(cfg.model.path)
 

@@ -19,3 +19,32 @@ def make_batch(policy, n=3, seed=0):
     refs = ["the red box is on the left", "die Nummer ist drei eins vier", "a blue ball"][:n]
     return build_prompt_batch(policy.tokenizer, waves, ["<|audio|> answer the question"] * n, refs,
                               [f"u{i}" for i in range(n)], policy.config)
+
+
+@pytest.fixture(scope="session")
+def toy_manifests(toy_corpus_dir, tmp_path_factory):
+    """lhotse manifests of the shared toy corpora (the real prepare code), for conf/data/toy.yaml."""
+    import json
+    import os
+
+    from nemo_grpo.data.prepare_covost2 import prepare_covost2
+    from nemo_grpo.data.prepare_librisqa import prepare_librisqa
+
+    with open(os.path.join(toy_corpus_dir, "toy_corpora.json")) as f:
+        idx = json.load(f)
+    out = str(tmp_path_factory.mktemp("toy_manifests"))
+    q, c = idx["librisqa"], idx["covost2"]
+    prepare_librisqa(q["train_json"], q["test_json"], q["librispeech_root"], out, seed=0, num_jobs=1)
+    prepare_covost2(c["covost_tsv"], c["validated_tsv"], c["clips_dir"], out, num_jobs=1)
+    return out
+
+
+def tiny_overrides(model_dir, manifests, out_dir, **extra):
+    """Overrides that make a conf/tiny_*.yaml recipe a seconds-long CPU run on the shared toy corpus."""
+    ov = {"model.path": model_dir, "data.manifest_dir": manifests, "output_dir": out_dir,
+          "data.train.batch_size": 4, "data.train.num_cuts_for_bins_estimate": 50, "data.valid.batch_size": 8,
+          "data.test.batch_size": 16, "grpo.num_generations": 4, "grpo.max_new_tokens": 8,
+          "eval.max_new_tokens": 8, "trainer.val_max_batches": 1, "logging.tensorboard": False,
+          "logging.progress_bar": False, "logging.plot": False}
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
