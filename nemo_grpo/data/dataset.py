@@ -98,11 +98,13 @@ class SpeechPromptDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _audio(cut, report: SkipReport) -> torch.Tensor | None:
+        # lhotse wraps a missing file in a generic loading error: check first so the reason is precise
+        for src in getattr(cut.recording, "sources", None) or []:
+            if src.type == "file" and not os.path.exists(src.source):
+                report.skip("missing_file", cut.id, src.source)
+                return None
         try:
             audio = cut.resample(SAMPLING_RATE).load_audio()  # [C, S] float32 numpy
-        except FileNotFoundError as e:
-            report.skip("missing_file", cut.id, str(e))
-            return None
         except Exception as e:  # lhotse/soundfile raise many types for undecodable audio
             report.skip("corrupt_audio", cut.id, f"{type(e).__name__}: {e}"[:300])
             return None

@@ -36,12 +36,17 @@ def fingerprint(paths: Iterable[str], params: dict[str, Any]) -> dict[str, Any]:
     return {"params": params, "inputs": files}
 
 
-def up_to_date(out_dir: str, corpus: str, splits: Sequence[str], stamp: dict[str, Any]) -> bool:
+def up_to_date(out_dir: str, corpus: str, stamp: dict[str, Any]) -> dict[str, str | None] | None:
+    """The outputs {split: cuts path or None} of an earlier run with the same stamp, if all still exist."""
     path = os.path.join(out_dir, f"{corpus}_prepare.json")
-    if not os.path.exists(path) or not all(os.path.exists(cuts_path(out_dir, corpus, s)) for s in splits):
-        return False
+    if not os.path.exists(path):
+        return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f) == stamp
+        previous = json.load(f)
+    written = previous.pop("written", {})
+    if previous != stamp or not all(p is None or os.path.exists(p) for p in written.values()):
+        return None
+    return written
 
 
 def check_all(paths: Sequence[str], max_duration: float, decode: bool, num_jobs: int) -> list[AudioCheck]:
@@ -79,20 +84,31 @@ def write_split(out_dir: str, corpus: str, split: str, items: list[tuple[Any, An
 
 def finish(out_dir: str, corpus: str, splits: dict[str, list], report: SkipReport, stamp: dict[str, Any],
            split_names: Sequence[str]) -> dict[str, str]:
-    """Validate that something is left, then write every split, the skip report and the stamp."""
+    """Validate that something is left, then write every split, the skip report and the stamp.
+
+    No usable item at all is an error. An empty split only warns: its manifests are NOT written (lhotse reads an
+    empty manifest back as None, which would break loaders later) and its path is None."""
     empty = [s for s in split_names if not splits.get(s)]
+    if len(empty) == len(split_names):
+        raise ValueError(f"{corpus}: no usable items left in any split; {report.summary()}")
     if empty:
-        raise ValueError(f"{corpus}: no usable items left for split(s) {empty}; {report.summary()}")
+        log.warning("%s: split(s) %s are EMPTY after validation (not written); %s", corpus, empty, report.summary())
     os.makedirs(out_dir, exist_ok=True)
-    paths = {s: write_split(out_dir, corpus, s, splits[s]) for s in split_names}
+    paths: dict[str, str | None] = {}
+    for s in split_names:
+        if s in empty:
+            for kind in ("recordings", "supervisions", "cuts"):  # never leave a stale split from an earlier run
+                stale = os.path.join(out_dir, f"{corpus}_{kind}_{s}.jsonl.gz")
+                if os.path.exists(stale):
+                    os.remove(stale)
+            paths[s] = None
+        else:
+            paths[s] = write_split(out_dir, corpus, s, splits[s])
     report.write(os.path.join(out_dir, f"{corpus}_skipped.json"))
-    write_text_atomic(os.path.join(out_dir, f"{corpus}_prepare.json"), json.dumps(stamp, indent=1) + "\n")
+    write_text_atomic(os.path.join(out_dir, f"{corpus}_prepare.json"),
+                      json.dumps({**stamp, "written": paths}, indent=1) + "\n")
     log.info(report.summary())
     return paths
-
-
-def existing_outputs(out_dir: str, corpus: str, split_names: Sequence[str]) -> dict[str, str]:
-    return {s: cuts_path(out_dir, corpus, s) for s in split_names}
 
 
 def probe_many(entries: list[dict], path_key: str, report: SkipReport, item_key: str, max_duration: float,

@@ -126,7 +126,7 @@ def prepare_covost2(
     """Write covost2_{recordings,supervisions,cuts}_{train,dev,test}.jsonl.gz and covost2_skipped.json.
 
     Same bad-input, strictness and idempotency rules as ``prepare_librisqa``.
-    Returns {"cuts": {split: path}, "skipped": report dict, "reused": bool}.
+    Returns {"cuts": {split: cuts path, None if the split is empty}, "skipped": report dict, "reused": bool}.
     """
     if max_duration <= 0:
         raise ValueError(f"max_duration must be > 0, got {max_duration}")
@@ -138,10 +138,11 @@ def prepare_covost2(
     params = dict(strict=strict, max_duration=max_duration, decode_audio=decode_audio,
                   clips_dir=os.path.abspath(clips_dir))
     stamp = mf.fingerprint([covost_tsv, validated_tsv], params)
-    if not force and mf.up_to_date(out_dir, CORPUS, SPLITS, stamp):
+    previous = None if force else mf.up_to_date(out_dir, CORPUS, stamp)
+    if previous is not None:
         log.info("%s manifests in %s are up to date", CORPUS, out_dir)
         with open(os.path.join(out_dir, f"{CORPUS}_skipped.json"), encoding="utf-8") as f:
-            return {"cuts": mf.existing_outputs(out_dir, CORPUS, SPLITS), "skipped": json.load(f), "reused": True}
+            return {"cuts": previous, "skipped": json.load(f), "reused": True}
 
     report = SkipReport(CORPUS, strict=strict)
     # bad rows of validated.tsv only matter when CoVoST uses them: collect them separately and never fail on them

@@ -109,6 +109,7 @@ def _collect(json_path: str, root: str, parts: list[str], report: SkipReport) ->
         if norm is None:
             continue
         norm["audio"] = resolve_audio(norm["speech_path"], root, parts)
+        norm["item"] = f"{item} ({norm['speech_path']})"  # audio problems name the record AND its file
         utt = os.path.splitext(os.path.basename(norm["speech_path"]))[0]
         key = (utt, norm["question"])
         if key in seen:
@@ -156,7 +157,7 @@ def prepare_librisqa(
     Bad records/audio are counted skips (first items named in the report and the log), or a ``DataError`` at the
     first one under ``strict``. Idempotent: re-running with the same inputs and arguments reuses the outputs
     (``force`` rebuilds); outputs are written only after every item has been validated.
-    Returns {"cuts": {split: path}, "skipped": report dict, "reused": bool}.
+    Returns {"cuts": {split: cuts path, None if the split is empty}, "skipped": report dict, "reused": bool}.
     """
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
@@ -171,11 +172,11 @@ def prepare_librisqa(
     params = dict(seed=seed, valid_fraction=valid_fraction, strict=strict, max_duration=max_duration,
                   decode_audio=decode_audio, root=os.path.abspath(librispeech_root))
     stamp = mf.fingerprint([train_json, test_json], params)
-    report_path = os.path.join(out_dir, f"{CORPUS}_skipped.json")
-    if not force and mf.up_to_date(out_dir, CORPUS, splits, stamp):
+    previous = None if force else mf.up_to_date(out_dir, CORPUS, stamp)
+    if previous is not None:
         log.info("%s manifests in %s are up to date", CORPUS, out_dir)
-        with open(report_path, encoding="utf-8") as f:
-            return {"cuts": mf.existing_outputs(out_dir, CORPUS, splits), "skipped": json.load(f), "reused": True}
+        with open(os.path.join(out_dir, f"{CORPUS}_skipped.json"), encoding="utf-8") as f:
+            return {"cuts": previous, "skipped": json.load(f), "reused": True}
 
     report = SkipReport(CORPUS, strict=strict)
     parts = _part_dirs(librispeech_root)

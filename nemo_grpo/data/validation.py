@@ -107,6 +107,8 @@ def check_audio(path: str, max_duration: float, decode: bool = True) -> AudioChe
 
     if not os.path.isfile(path):
         return AudioCheck("missing_file", path)
+    if os.path.getsize(path) == 0:
+        return AudioCheck("zero_length", "empty file")
     try:
         info = sf.info(path)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError for bad files
