@@ -107,8 +107,23 @@ def reward_for_trl(reward_fn):
     return bleu_reward
 
 
-def run_trl(lm_dir: str, args, steps: int, tmp: str, reward_fn) -> list[float]:
-    """TRL GRPOTrainer for ``steps`` steps; seconds between consecutive step ends (the first follows train start)."""
+def _timed_method(obj, name: str, acc: dict) -> None:
+    """Wrap ``obj.name`` so its seconds add up in ``acc[name]`` (TRL's phases, for the breakdown only)."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+    setattr(obj, name, wrapper)
+
+
+def run_trl(lm_dir: str, args, steps: int, tmp: str, reward_fn, phases: dict | None = None) -> list[float]:
+    """TRL GRPOTrainer for ``steps`` steps; seconds between consecutive step ends (the first follows train start).
+    ``phases`` accumulates TRL's generation (``_generate``), generation + reward + reference/old log-probs
+    (``_generate_and_score_completions``) and loss forward (``compute_loss``) seconds over all steps."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -140,6 +155,9 @@ def run_trl(lm_dir: str, args, steps: int, tmp: str, reward_fn) -> list[float]:
 
     for cb in (PrinterCallback, ProgressCallback):  # console printing is not part of a step
         trainer.remove_callback(cb)
+    if phases is not None:
+        for name in ("_generate", "_generate_and_score_completions", "compute_loss"):
+            _timed_method(trainer, name, phases)
     torch.set_num_threads(1)
     trainer.train()
     return [b2 - a for a, b2 in zip(times, times[1:])]
@@ -199,13 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
         audio_batch = None if s_audio is None else common.speech_batch(s_audio.policy, args.prompts)
         n = args.warmup + args.repeats
         res = {"ours_text": [], "trl": [], "ours_audio": []}
-        phases = {"ours_text": {}, "ours_audio": {}}
-        per_round = []
+        phases = {"ours_text": {}, "ours_audio": {}, "trl": {}}
+        per_round, totals = [], {"ours_text": 0.0, "trl": 0.0}
         for _ in range(args.rounds):
             t_ours, ph = run_ours(s_text, ref_text, reward_fn, n, lambda i: text_batch(s_text.policy.tokenizer,
                                                                                           args.prompts, i))
             _add(phases["ours_text"], ph)
-            t_trl = run_trl(lm_dir, args, n, tmp, reward_fn)
+            t_trl = run_trl(lm_dir, args, n, tmp, reward_fn, phases["trl"])
+            totals["ours_text"] += sum(t_ours)
+            totals["trl"] += sum(t_trl)
             res["ours_text"] += t_ours[args.warmup:]
             res["trl"] += t_trl[args.warmup:]
             per_round.append(common.median(t_ours[args.warmup:]) / common.median(t_trl[args.warmup:]))
@@ -229,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                        args.prompts * args.num_generations * args.completion_length}
     rec["step_s"] = {k: common.summary(v) for k, v in res.items() if v}
     rec["phases_s_total"] = phases
+    rec["total_s"] = totals
     rec["ratio_ours_over_trl"] = ratio
     rec["ratio_per_round"] = per_round
     if res["ours_audio"]:
@@ -262,11 +283,16 @@ def markdown(rec: dict) -> list[str]:
               + ", ".join(f"{r:.3f}" for r in rec["ratio_per_round"])]
     if "ratio_ours_audio_over_trl" in rec:
         lines.append(f"; ours WITH audio / TRL text-only = {rec['ratio_ours_audio_over_trl']:.3f}")
-    lines += ["", "Where our step time goes (seconds summed over all steps incl. warmup):", ""]
+    lines += ["", "Where the time goes (seconds summed over all steps incl. warmup; TRL's methods nest: "
+              "_generate_and_score_completions contains _generate, the reward and the reference forward; "
+              "compute_loss is the loss forward, backward and optimizer are outside it):", ""]
     for k, ph in rec["phases_s_total"].items():
         if ph:
-            tot = sum(ph.values())
-            lines.append(f"- {k}: " + ", ".join(f"{n} {v:.2f} s ({100 * v / tot:.0f}%)" for n, v in ph.items()))
+            tot = sum(ph.values()) if k != "trl" else None
+            lines.append(f"- {k}: " + ", ".join(f"{n} {v:.2f} s" + (f" ({100 * v / tot:.0f}%)" if tot else "")
+                                               for n, v in ph.items()))
+    lines.append(f"- step totals (same steps): ours_text {rec['total_s']['ours_text']:.2f} s, "
+                 f"trl {rec['total_s']['trl']:.2f} s")
     lines.append("")
     for name, text in rec["profiles"].items():
         lines += [f"### Profile: {name}", ""] + common.code_block(text)

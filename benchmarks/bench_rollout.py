@@ -66,16 +66,20 @@ def long_batch(policy, b: int, seconds: float):
                               [f"long{i}" for i in range(b)], policy.config)
 
 
-def run_setting(policy, hf, batch, args) -> dict:
-    """Alternating ours / HF calls; per-call seconds and tokens/s (token counts checked = B*G*T)."""
+def run_setting(policy, hf, batch, args, megatron=None) -> dict:
+    """Alternating ours / HF (/ ours on the megatron backend) calls; per-call seconds and tokens/s (token counts
+    checked = B*G*T)."""
     b, g, t = len(batch), args.num_generations, args.new_tokens
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    times: dict[str, list[float]] = {"ours": [], "hf": []}
-    tps: dict[str, list[float]] = {"ours": [], "hf": []}
+    calls = [("ours", lambda: ours_call(policy, batch, g, t, gen)),
+             ("hf", lambda: hf_call(hf, batch, g, t, policy.pad_token_id, policy.eos_token_id))]
+    if megatron is not None:
+        calls.append(("ours_megatron", lambda: ours_call(megatron, batch, g, t, gen)))
+    times: dict[str, list[float]] = {name: [] for name, _ in calls}
+    tps: dict[str, list[float]] = {name: [] for name, _ in calls}
     for i in range(args.warmup + args.repeats):
-        for name, fn in (("ours", lambda: ours_call(policy, batch, g, t, gen)),
-                         ("hf", lambda: hf_call(hf, batch, g, t, policy.pad_token_id, policy.eos_token_id))):
+        for name, fn in calls:
             sec, n_tok = common.timed(fn)
             if n_tok != b * g * t:
                 raise RuntimeError(f"{name} generated {n_tok} tokens, expected B*G*T = {b * g * t}")
@@ -100,13 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="second setting: audio this long (LibriSQA-like); 0 = skip")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--no-megatron", dest="megatron", action="store_false",
+                    help="skip the extra row: our rollout on the megatron-core backend")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
     if args.smoke:
         args.prompts, args.num_generations, args.new_tokens, args.warmup, args.repeats = 1, 2, 4, 0, 1
-        args.long_audio_seconds = 3.0
+        args.long_audio_seconds, args.megatron = 3.0, False
     logging.basicConfig(level=logging.WARNING)
     common.quiet()
     rec = common.record(NAME, args)
@@ -114,15 +120,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = common.make_tiny_model(os.path.join(tmp, "tiny"))
-        policy = HFGraniteSpeechPolicy.from_pretrained(model_dir)
-        hf = GraniteSpeechForConditionalGeneration.from_pretrained(model_dir).eval()
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = common.make_tiny_model(os.path.join(tmp.name, "tiny"))
+    policy = HFGraniteSpeechPolicy.from_pretrained(model_dir)
+    hf = GraniteSpeechForConditionalGeneration.from_pretrained(model_dir).eval()
     batches = {"toy_utterances": common.speech_batch(policy, args.prompts)}
     if args.long_audio_seconds > 0:
         batches[f"long_audio_{args.long_audio_seconds:g}s"] = long_batch(policy, args.prompts,
                                                                           args.long_audio_seconds)
-    rec["settings"] = {name: run_setting(policy, hf, batch, args) for name, batch in batches.items()}
+    megatron = None
+    if args.megatron:  # the same rollout engine on the megatron-core backend (world of 1, TP=1, CPU)
+        from nemo_grpo.policy.megatron import MegatronGraniteSpeechPolicy
+
+        megatron = MegatronGraniteSpeechPolicy.from_pretrained(model_dir, trainable=False)
+    rec["settings"] = {name: run_setting(policy, hf, batch, args, megatron) for name, batch in batches.items()}
     main_setting = rec["settings"]["toy_utterances"]
     ratio = main_setting["ratio_ours_over_hf"]
     rec["ratio_ours_over_hf"] = ratio
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         rec["profiles"]["ours_cprofile"] = common.cprofile_top(lambda: ours_call(policy, b0, g, t, gen), top=25)
         rec["profiles"]["hf_cprofile"] = common.cprofile_top(
             lambda: hf_call(hf, b0, g, t, policy.pad_token_id, policy.eos_token_id), top=25)
+    tmp.cleanup()
     common.write_results(NAME, rec, markdown(rec), args.out)
     for name, st in rec["settings"].items():
         tp = st["tokens_per_s"]
@@ -149,13 +161,16 @@ def markdown(rec: dict) -> list[str]:
               "encode once + one KV-cache batch over N rows; HF = generate(num_return_sequences=G), which expands "
               "the audio and the prompt to N rows.", "",
               "| setting | B x G x T | audio s (max) | prompt tokens | ours tok/s | HF tok/s | ours/HF | ours s/call "
-              "(min-max) | HF s/call (min-max) | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "(min-max) | HF s/call (min-max) | verdict | ours, megatron backend: tok/s (vs HF) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rec["settings"].items():
         tp, s = st["tokens_per_s"], st["seconds_per_call"]
         lines.append(f"| {name} | {st['B']} x {st['G']} x {st['T']} | {st['audio_s_max']} | {st['prompt_tokens']} | "
                      f"{tp['ours']['median']:.0f} | {tp['hf']['median']:.0f} | **{st['ratio_ours_over_hf']:.2f}x** | "
                      f"{s['ours']['median']:.3f} ({s['ours']['min']:.3f}-{s['ours']['max']:.3f}) | "
-                     f"{s['hf']['median']:.3f} ({s['hf']['min']:.3f}-{s['hf']['max']:.3f}) | {st['verdict']} |")
+                     f"{s['hf']['median']:.3f} ({s['hf']['min']:.3f}-{s['hf']['max']:.3f}) | {st['verdict']} | "
+                     + (f"{tp['ours_megatron']['median']:.0f} ({tp['ours_megatron']['median'] / tp['hf']['median']:.2f}x)"
+                        if "ours_megatron" in tp else "-") + " |")
     lines += ["", f"Goal: {rec['goal']} — {rec['verdict']}", ""]
     for name, text in rec["profiles"].items():
         lines += [f"### Profile: {name}", ""] + common.code_block(text)
