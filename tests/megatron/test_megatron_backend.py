@@ -7,25 +7,12 @@ control moves them by >= 1e-3.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _launch import torchrun
 
-HERE = os.path.dirname(__file__)
 TOL = 2e-6
-
-
-def torchrun(script: str, args: list[str], timeout: int = 600) -> None:
-    """Run a worker on 2 local ranks (gloo); raise with its log tail on failure."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
 @pytest.fixture(scope="module")

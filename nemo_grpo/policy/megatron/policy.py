@@ -479,6 +479,10 @@ class MegatronGraniteSpeechPolicy:
             self.tokenizer.save_pretrained(out_dir)
         dist.barrier()
 
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
     def train(self, mode: bool = True) -> "MegatronGraniteSpeechPolicy":
         self.module.train(mode)
         self.module.encoder.eval()  # frozen: BatchNorm statistics never move
