@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     md = common.md_header(rec, "Data loader throughput (on-the-fly decoding, resampling, log-mel, prompts)")
     md += [f"Toy corpora: {args.num} QA (16 kHz FLAC) + {args.num} ST (48/22.05 kHz MP3 -> 16 kHz) training "
            f"utterances; batch size {args.batch_size}; median of {args.repeats} passes after a warm-up pass; "
-           f"torch threads 1. Preparing both corpora (audio fully decoded and checked) took {rec['prepare_s']} s.",
+           f"torch threads 1. Synthesising (espeak-ng) + preparing both corpora (audio fully decoded and checked) "
+           f"took {rec['prepare_s']} s.",
            "", "| loader | utterances | audio s | utt/s | x real time | skipped |", "|---|---|---|---|---|---|"]
     for label, r in loaders.items():
         md.append(f"| {label} | {r['utterances']} | {r['audio_s']} | {r['utt_per_s']} | {r['x_real_time']} | "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ def _print_result(corpus: str, result: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # DataError (strict) is a ValueError: the message names the item
+        print(f"nemo-grpo prepare {args.corpus}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from nemo_grpo.data.prepare_covost2 import prepare_covost2
     from nemo_grpo.data.prepare_librisqa import prepare_librisqa
 

@@ -280,6 +280,7 @@ def make_toy_corpora(
             raise ValueError(f"{key} must be >= 1, got {val}")
     if num_test is not None and int(num_test) < 1:
         raise ValueError(f"num_test must be >= 1, got {num_test}")
+    out_dir = os.path.abspath(out_dir)  # the index holds absolute paths: usable from any working directory
     params = dict(version=TOY_VERSION, seed=seed, num_qa=num_qa, num_st=num_st, num_test=num_test)
     index_path = os.path.join(out_dir, "toy_corpora.json")
     if os.path.exists(index_path):

@@ -93,6 +93,18 @@ def test_librisqa_strict_raises_naming_item(bad_librisqa, tmp_path):
                          strict=True)
 
 
+def test_cli_strict_exits_nonzero_naming_item(bad_covost, tmp_path, capsys):
+    from nemo_grpo import cli
+
+    b = bad_covost
+    argv = ["prepare", "covost2", "--covost-tsv", b["covost_tsv"], "--validated-tsv", b["validated_tsv"],
+            "--clips-dir", b["clips"], "--out-dir", str(tmp_path), "--max-duration", str(MAX_S)]
+    assert cli.main(argv + ["--strict"]) == 1
+    assert "covost_v2.en_de.tsv:line" in capsys.readouterr().err
+    assert cli.main(argv) == 0
+    assert "skipped 9" in capsys.readouterr().out
+
+
 def test_librisqa_jsonl_malformed_line_is_a_skip(bad_librisqa, toy_index, tmp_path):
     with open(toy_index["librisqa"]["train_json"], encoding="utf-8") as f:
         good = json.load(f)[:6]
