@@ -149,6 +149,7 @@ class PromptLoader:
         self.skips = SkipReport(name)
 
     def __iter__(self) -> Iterator[Any]:
+        """Each skipped cut is logged as it happens (by the dataset); a finished pass logs the totals."""
         for batch in self.loader:
             skipped = getattr(batch, "skipped", None)
             if skipped is not None:
@@ -157,6 +158,7 @@ class PromptLoader:
             if isinstance(batch, EmptyBatch):
                 continue
             yield batch
+        (log.warning if self.skips.total else log.info)("pass finished: %s", self.skips.summary())
 
 
 class SequentialCutLoader:

@@ -212,7 +212,7 @@ def _bad_cuts(toy_manifests, tmp_path):
     return path, good[3].duration
 
 
-def test_load_time_bad_cuts_are_dropped_and_counted(toy_manifests, tiny_tokenizer_config, tmp_path):
+def test_load_time_bad_cuts_are_dropped_and_counted(toy_manifests, tiny_tokenizer_config, tmp_path, caplog):
     tok, config = tiny_tokenizer_config
     path, long_duration = _bad_cuts(toy_manifests, tmp_path)
     data_cfg = {"manifest_dir": str(tmp_path), "max_prompt_tokens": 256,
@@ -226,6 +226,8 @@ def test_load_time_bad_cuts_are_dropped_and_counted(toy_manifests, tiny_tokenize
     assert not any(i.startswith("bad-") for i in ids) and len(ids) == 5
     assert "bad-long-prompt" in json.dumps(loader.skips.to_dict()["examples"])
     assert "skipped 7" in loader.skips.summary()
+    # the run's log names each skipped cut and states the totals at the end of the pass
+    assert "bad-missing: missing_file" in caplog.text and "pass finished: load/test: skipped 7" in caplog.text
 
 
 def test_all_bad_batch_yields_nothing_but_counts(toy_manifests, tiny_tokenizer_config):
