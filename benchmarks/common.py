@@ -132,8 +132,15 @@ def torch_profile_top(fn: Callable[[], Any], top: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         fn()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+        wall = time.perf_counter() - t0
+    ops = prof.key_averages()
+    # aten::* ops only: their self time is the tensor math; the rest of the wall time is Python/dispatch overhead
+    aten_us = sum(e.self_cpu_time_total for e in ops if e.key.startswith("aten::"))
+    return (ops.table(sort_by="self_cpu_time_total", row_limit=top)
+            + f"\nwall (under the profiler) {1e3 * wall:.1f} ms; self time of aten:: ops {aten_us / 1e3:.1f} ms "
+              f"({100 * aten_us / 1e6 / wall:.0f}% of wall)\n")
 
 
 # ------------------------------------------------------------------------------------------ result files --------
@@ -319,3 +326,45 @@ def quiet() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+# ------------------------------------------------------------------------------------------ RESULTS.md table ----
+def summary_table(results_dir: str | os.PathLike = RESULTS_DIR) -> list[str]:
+    """One row per benchmark result JSON of this folder's four CPU benchmarks (for RESULTS.md)."""
+    rows = ["| benchmark | date (commit) | load avg | measured | goal | verdict |", "|---|---|---|---|---|---|"]
+
+    def load(name: str) -> dict | None:
+        path = Path(results_dir) / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def head(r: dict) -> str:
+        return f"{r['date']} (`{r['commit']}`) | {r['machine']['load_avg'][0]}"
+
+    r = load("bench_grpo_vs_trl")
+    if r:
+        s = r["step_s"]
+        rows.append(f"| GRPO step vs TRL (text-only, B={r['settings']['B']} G={r['settings']['G']} "
+                    f"T={r['settings']['T']}) | {head(r)} | ours {1e3 * s['ours_text']['median']:.0f} ms, TRL "
+                    f"{1e3 * s['trl']['median']:.0f} ms -> **{r['ratio_ours_over_trl']:.2f}** (ours with audio: "
+                    f"{r.get('ratio_ours_audio_over_trl', float('nan')):.2f}) | <= 0.5 | {r['verdict']} |")
+    r = load("bench_rollout")
+    if r:
+        parts = [f"{k}: **{v['ratio_ours_over_hf']:.2f}x** ({v['tokens_per_s']['ours']['median']:.0f} vs "
+                 f"{v['tokens_per_s']['hf']['median']:.0f} tok/s)" for k, v in r["settings"].items()]
+        rows.append(f"| rollout tokens/s vs HF generate | {head(r)} | {'; '.join(parts)} | >= 2x | {r['verdict']} |")
+    r = load("bench_step_share")
+    if r:
+        parts = [f"{k} {100 * v['share']:.1f}%" for k, v in r["results"].items()]
+        ok = sum(v["verdict"].startswith("MET") for v in r["results"].values())
+        rows.append(f"| reward + data share of a step | {head(r)} | {', '.join(parts)} | <= 5% | "
+                    f"{ok}/{len(r['results'])} MET |")
+    r = load("bench_scaling")
+    if r:
+        parts = [f"G={x['G']},T={x['T']}: {x['median_s']:.2f} s" for x in r["rows"]]
+        rows.append(f"| scaling | {head(r)} | {', '.join(parts)}; ~G^{r['slope_vs_G']:.2f}, ~T^{r['slope_vs_T']:.2f} "
+                    "| (report) | - |")
+    return rows
+
+
+if __name__ == "__main__":
+    print("\n".join(summary_table()))

@@ -36,6 +36,7 @@ def test_grpo_vs_trl_smoke(tmp_path):
     rec = _load(tmp_path, "bench_grpo_vs_trl")
     s = rec["step_s"]
     assert s["ours_text"]["n"] == s["trl"]["n"] == s["ours_audio"]["n"] == 1
+    assert rec["ratio_per_round"] == [rec["ratio_ours_over_trl"]]  # one round: the headline is that round's
     assert math.isclose(rec["ratio_ours_over_trl"], s["ours_text"]["median"] / s["trl"]["median"], rel_tol=1e-9)
     # both sides really run the same network: our scoring == GraniteForCausalLM's log-softmax
     assert rec["logprob_max_abs_diff_vs_GraniteForCausalLM"] < 1e-5
