@@ -141,6 +141,24 @@ def st_item(rng: np.random.Generator) -> dict:
     return dict(sentence=sentence, translation=translation, translations=alts)
 
 
+def vocabulary_text() -> str:
+    """Every word the toy tasks can put in a question, answer or translation (one line per phrase family).
+
+    For tokenizer training: a tiny BPE that has seen these words encodes a reference in a few tokens (without
+    them "Die Nummer lautet drei zwo fünf" is ~16 byte-level pieces), so a short max_new_tokens suffices.
+    """
+    lines = [" ".join(DIGITS_EN), " ".join(DIGITS_DE) + " zwo"]
+    for color in COLORS:
+        for obj in OBJECTS:
+            for side in SIDES:
+                fill = dict(c=color, o=obj, p=side)
+                lines += [q.format(**fill) for q, _ in QA_QUESTIONS]
+                lines += [a.format(**fill) for _, answers in QA_QUESTIONS for a, _ in answers]
+    lines += [de.format(d="eins zwei drei") for _, frames in ST_FRAMES for de, _ in frames]
+    lines += [en.format(d="one two three") for en, _ in ST_FRAMES]
+    return "\n".join(dict.fromkeys(lines))
+
+
 # ------------------------------------------------------------------------------------------------ synthesis --
 def _espeak(text: str, speaker: Speaker) -> tuple[np.ndarray, int]:
     """Speak ``text``: float32 waveform [S] at espeak-ng's native rate (22.05 kHz)."""

@@ -119,3 +119,12 @@ def test_qa_semantics_and_paraphrases():
             obj = q[len("what color is the "):-1]
             color = next(c for c, o in scene.values() if o == obj)
             assert all(color in a.split() for a in it["answers"])
+
+
+def test_vocabulary_text_covers_every_generated_word():
+    vocab = set(toy.vocabulary_text().split())
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        qa, st = toy.qa_item(rng), toy.st_item(rng)
+        words = " ".join([qa["question"], *qa["answers"], *st["translations"], st["sentence"]]).split()
+        assert set(words) <= vocab
