@@ -153,11 +153,18 @@ def plot_curves(history: list[dict[str, Any]], png_path: str) -> str | None:
         rows = [r for r in history if r.get(key) is not None]
         xs = [r["step"] for r in rows]
         ys = [r[key] for r in rows]
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, lw=1.5)
+        dense = len(xs) >= 30
+        ax.plot(xs, ys, marker=None if dense else "o", lw=1.0 if dense else 1.5, alpha=0.5 if dense else 1.0)
+        if dense:  # per-batch values are noisy (batches differ in task/difficulty): add a running mean
+            window = max(5, len(ys) // 20)
+            smooth = [sum(ys[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1))
+                      for i in range(len(ys))]
+            ax.plot(xs, smooth, lw=2.0, color="C1", label=f"running mean ({window})")
+            ax.legend(loc="best", fontsize=8)
         if std_key and all(r.get(std_key) is not None for r in rows):
             lo = [y - r[std_key] for y, r in zip(ys, rows)]
             hi = [y + r[std_key] for y, r in zip(ys, rows)]
-            ax.fill_between(xs, lo, hi, alpha=0.2)
+            ax.fill_between(xs, lo, hi, alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
