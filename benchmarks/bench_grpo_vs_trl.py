@@ -1,4 +1,4 @@
-"""GRPO step time: nemo_grpo vs TRL 1.16 ``GRPOTrainer`` on the same tiny Granite LM, text-only prompts. Goal: ours/TRL <= 0.5.
+"""GRPO step time: nemo_grpo vs TRL 1.16 ``GRPOTrainer``, same tiny Granite LM, text-only prompts (goal: <= 0.5x).
 
 Both sides run the same model weights (the LM of the tiny Granite Speech checkpoint, ``make_tiny`` seed 0; TRL gets
 it as a ``GraniteForCausalLM`` dir), the same B text prompts, G samples each, exactly T new tokens per sample (ours:

@@ -165,12 +165,13 @@ def markdown(rec: dict) -> list[str]:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rec["settings"].items():
         tp, s = st["tokens_per_s"], st["seconds_per_call"]
+        meg = (f"{tp['ours_megatron']['median']:.0f} ({tp['ours_megatron']['median'] / tp['hf']['median']:.2f}x)"
+               if "ours_megatron" in tp else "-")
         lines.append(f"| {name} | {st['B']} x {st['G']} x {st['T']} | {st['audio_s_max']} | {st['prompt_tokens']} | "
                      f"{tp['ours']['median']:.0f} | {tp['hf']['median']:.0f} | **{st['ratio_ours_over_hf']:.2f}x** | "
                      f"{s['ours']['median']:.3f} ({s['ours']['min']:.3f}-{s['ours']['max']:.3f}) | "
                      f"{s['hf']['median']:.3f} ({s['hf']['min']:.3f}-{s['hf']['max']:.3f}) | {st['verdict']} | "
-                     + (f"{tp['ours_megatron']['median']:.0f} ({tp['ours_megatron']['median'] / tp['hf']['median']:.2f}x)"
-                        if "ours_megatron" in tp else "-") + " |")
+                     f"{meg} |")
     lines += ["", f"Goal: {rec['goal']} — {rec['verdict']}", ""]
     for name, text in rec["profiles"].items():
         lines += [f"### Profile: {name}", ""] + common.code_block(text)

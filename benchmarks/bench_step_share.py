@@ -177,7 +177,8 @@ def markdown(rec: dict) -> list[str]:
     lines += [f"Setting: toy corpora via {st['data_config']} (NeMo lhotse dataloader, bucketing, on-the-fly "
               f"features), B={st['B']} prompts, G={st['G']}, <= {st['T_max']} new tokens (natural stopping), beta "
               f"{st['beta']}, loss {st['loss_type']}, fp32, 1 thread. Goal: reward + data <= 5% of the step.", "",
-              "| reward | median step s | reward % | data % | total % | median reward s | mean completion len | verdict |",
+              "| reward | median step s | reward % | data % | total % | median reward s | mean completion len "
+              "| verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in rec["results"].items():
         lines.append(f"| {name} | {r['step_s']['median']:.3f} | {100 * r['reward']:.1f} | {100 * r['data']:.1f} | "
