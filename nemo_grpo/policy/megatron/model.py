@@ -91,6 +91,12 @@ class GraniteResidualBDA:
         return bda
 
 
+def rope_theta(text_cfg) -> float:
+    """RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5) or ``rope_theta`` (4.x configs)."""
+    params = getattr(text_cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(text_cfg, "rope_theta", 10000.0)))
+
+
 def transformer_config(
     text_cfg,
     tensor_parallel_size: int = 1,
@@ -143,6 +149,7 @@ def transformer_config(
         bf16=bf16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # every weight is loaded from the HF checkpoint (convert.load_into_gpt checks)
         # CPU/no-TE: fused kernels need CUDA/apex/TE or trigger long torch.compile warm-ups (stack facts)
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
@@ -205,7 +212,7 @@ def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool =
         share_embeddings_and_output_weights=bool(text_cfg.tie_word_embeddings),
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int((getattr(text_cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+        rotary_base=int(rope_theta(text_cfg)),
         scatter_embedding_sequence_parallel=False,
     )
     gpt.granite_vocab_size = text_cfg.vocab_size
