@@ -174,7 +174,7 @@ class SequentialCutLoader:
         chunk = []
         index = 0
         for path in self.cut_paths:
-            for cut in CutSet.from_file(path):
+            for cut in CutSet.from_file(path) or []:  # lhotse reads an empty manifest back as None
                 if index % self.world == self.rank:
                     chunk.append(cut)
                 index += 1
@@ -244,7 +244,8 @@ def build_dataloader(data_cfg: Any, tokenizer: Any, model_config: Any, *, split:
     """
     cfg = validate_data_config(data_cfg)
     if split not in ("train", "valid", "test") or not isinstance(cfg.get(split), dict):
-        raise ValueError(f"data.{split}: missing split section (have {[k for k in ('train', 'valid', 'test') if k in cfg]})")
+        have = [k for k in ("train", "valid", "test") if k in cfg]
+        raise ValueError(f"data.{split}: missing split section (have {have})")
     section = _resolve_inputs(dict(cfg[split]), str(cfg.get("manifest_dir") or "."), f"data.{split}")
     templates = PromptTemplates.load(cfg.get("prompts"), seed=seed)
     dataset = SpeechPromptDataset(
@@ -253,7 +254,8 @@ def build_dataloader(data_cfg: Any, tokenizer: Any, model_config: Any, *, split:
     if section.get("sequential"):
         bad = sorted(set(section) - SEQUENTIAL_KEYS)
         if bad:
-            raise ValueError(f"data.{split}: key(s) {bad} not allowed with sequential: true ({sorted(SEQUENTIAL_KEYS)})")
+            raise ValueError(f"data.{split}: key(s) {bad} not allowed with sequential: true "
+                             f"(allowed: {sorted(SEQUENTIAL_KEYS)})")
         batch_size = int(section.get("batch_size") or 0)
         if batch_size < 1:
             raise ValueError(f"data.{split}.batch_size must be >= 1 with sequential: true")
