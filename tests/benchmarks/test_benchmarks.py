@@ -97,3 +97,45 @@ def test_fixed_length_forces_t_tokens_and_restores_eos(tiny_model_dir):
         forced = policy.generate(ctx, 2, 6, temperature=0.0)
     assert forced.mask.all() and forced.token_ids.shape == (2, 6)
     assert policy.eos_token_id == int(greedy.token_ids[0, 0])  # restored
+
+
+def test_grpo_step_reproduces_one_step_of_the_recipe(tiny_model_dir, toy_corpus_dir, tmp_path):
+    """The step the benchmarks time IS the recipe's step: one ``train_grpo`` step and one ``common.grpo_step`` on the
+    same first batch, seeds and config move every weight identically."""
+    common = _bench("common")
+    step_share = _bench("bench_step_share")
+    from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
+    from nemo_grpo.rewards import build_reward
+    from nemo_grpo.train import runtime
+    from nemo_grpo.train.config import validate
+    from nemo_grpo.train.evaluate import make_loader_factory
+    from nemo_grpo.train.grpo import train_grpo
+
+    manifests = step_share.prepare_toy(toy_corpus_dir, str(tmp_path / "manifests"), 8)
+    import yaml
+
+    data = yaml.safe_load((common.REPO / "conf" / "data" / "toy.yaml").read_text())
+    data.update(manifest_dir=manifests)
+    data["train"].update(batch_size=2)
+    raw = {"model": {"path": tiny_model_dir, "device": "cpu", "precision": "fp32"}, "data": data, "resume": "never",
+           "output_dir": str(tmp_path / "run"), "grpo": {"num_generations": 3, "max_new_tokens": 8, "beta": 0.02},
+           "reward": "chrf",  # random completions get distinct non-zero chrF (BLEU would be all 0: no gradient)
+           "optim": {"lr": 1e-2, "schedule": "constant"},
+           "trainer": {"max_steps": 1, "val_every": 0, "save_every": 0, "test_at_end": False},
+           "logging": {"tensorboard": False, "progress_bar": False, "plot": False}}
+    before = HFGraniteSpeechPolicy.from_pretrained(tiny_model_dir).state_dict()
+    train_grpo(validate(raw))
+    recipe = HFGraniteSpeechPolicy.from_pretrained(str(tmp_path / "run" / "best")).state_dict()
+
+    cfg = validate(raw)
+    torch.manual_seed(cfg.seed)
+    s = common.StepSession(cfg, runtime.build_policy(cfg.model, trainable=True, seed=cfg.seed))
+    s.generator.manual_seed(runtime.derive_seed(cfg.seed, "sampling", 0))
+    stream = runtime.DataStream(lambda e: make_loader_factory(cfg, s.policy.tokenizer, 0, 1)("train", e), cfg.seed)
+    common.grpo_step(s, next(stream), build_reward(cfg.reward), common.build_reference(s))
+    ours = s.policy.state_dict()
+    moved = 0
+    for k, v in before.items():
+        torch.testing.assert_close(ours[k] - v, recipe[k] - v, atol=1e-6, rtol=1e-5, msg=k)
+        moved += int(not torch.equal(recipe[k], v))
+    assert moved > 10  # the step really updated the LLM and projector
