@@ -3,7 +3,7 @@
 1. synthesise the toy corpora with espeak-ng in the real LibriSQA / CoVoST2 formats and prepare lhotse manifests;
 2. write a tiny random Granite Speech (``make_tiny``);
 3. SFT warm-up (``conf/tiny_sft.yaml``): the tiny model must first learn to emit answers at all;
-4. from the SFT checkpoint: GRPO (``conf/tiny_grpo.yaml``), continued SFT for the same wall-clock time as GRPO
+4. from the SFT checkpoint: GRPO (``conf/tiny_grpo.yaml``), continued SFT for the same CPU time as GRPO
    (the honest equal-compute baseline) and, unless ``--no-mp-grpo``, MP-GRPO (``conf/tiny_mp_grpo.yaml``);
 5. evaluate base / SFT / SFT+more / GRPO / MP-GRPO on the held-out toy test splits with the paper's evaluation
    decoding (top-p 0.9, temperature 0.9) and print paper-style tables (toy SQA ~ Table 1, toy AST ~ Table 2).
@@ -93,7 +93,7 @@ def evaluate_systems(cfg: Any, systems: dict[str, str], manifests: str, out_dir:
     return results
 
 
-def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: int = 600, grpo_steps: int = 100,
+def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: int = 800, grpo_steps: int = 100,
              mp_grpo: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole demo (see the module docstring). ``extra``: overrides applied to every stage (tests shrink it)."""
     from nemo_grpo.policy.tiny import make_tiny
@@ -110,22 +110,23 @@ def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: in
                                    "trainer.max_steps": sft_steps, "trainer.val_every": max(1, sft_steps // 4),
                                    "trainer.save_every": sft_steps})
     sft_dir = os.path.join(out_dir, "sft", "best")
-    sec_per_sft_step = sft["wall_s"] / sft_steps
+    cpu_per_sft_step = sft["cpu_s"] / sft_steps
     grpo = train_stage("tiny_grpo", {**common, "model.path": sft_dir, "output_dir": os.path.join(out_dir, "grpo"),
-                                     "trainer.max_steps": grpo_steps, "trainer.val_every": max(1, grpo_steps // 4),
+                                     "trainer.max_steps": grpo_steps, "trainer.val_every": max(1, grpo_steps // 5),
                                      "trainer.save_every": grpo_steps})
-    # Equal compute: as many more SFT steps as fit in GRPO's wall-clock time at the warm-up's measured speed.
-    more_steps = max(1, round(grpo["wall_s"] / sec_per_sft_step))
+    # Equal compute: as many more SFT steps as fit in GRPO's CPU time at the warm-up's measured CPU cost per step
+    # (CPU seconds of this process, not wall-clock, so other load on the machine does not tilt the comparison).
+    more_steps = max(1, round(grpo["cpu_s"] / cpu_per_sft_step))
     sft_more = train_stage("tiny_sft", {**common, "model.path": sft_dir, "output_dir": os.path.join(out_dir, "sft_more"),
                                         "trainer.max_steps": more_steps, "optim.warmup_ratio": 0.0,
-                                        "trainer.val_every": max(1, more_steps // 4), "trainer.save_every": more_steps})
+                                        "trainer.val_every": max(1, more_steps // 5), "trainer.save_every": more_steps})
     systems = {SYSTEMS[0]: base, SYSTEMS[1]: sft_dir, SYSTEMS[2]: os.path.join(out_dir, "sft_more", "best"),
                SYSTEMS[3]: os.path.join(out_dir, "grpo", "best")}
     runs = {"sft": sft, "grpo": grpo, "sft_more": sft_more}
     if mp_grpo:
         runs["mp_grpo"] = train_stage("tiny_mp_grpo", {
             **common, "model.path": sft_dir, "output_dir": os.path.join(out_dir, "mp_grpo"),
-            "trainer.max_steps": grpo_steps, "trainer.val_every": max(1, grpo_steps // 4),
+            "trainer.max_steps": grpo_steps, "trainer.val_every": max(1, grpo_steps // 5),
             "trainer.save_every": grpo_steps})
         systems[SYSTEMS[4]] = os.path.join(out_dir, "mp_grpo", "best")
     results = evaluate_systems(grpo["config"], systems, manifests, os.path.join(out_dir, "results"))
@@ -135,6 +136,7 @@ def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: in
         "steps": {"sft": sft_steps, "grpo": grpo_steps, "sft_more": more_steps,
                   "mp_grpo": grpo_steps if mp_grpo else None},
         "run_wall_s": {k: v["wall_s"] for k, v in runs.items()},
+        "run_cpu_s": {k: v["cpu_s"] for k, v in runs.items()},
         "test_bleu_all": bleu, "systems": systems,
         "grpo_beats_sft": bleu[SYSTEMS[3]] > bleu[SYSTEMS[1]],
     }
@@ -148,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="working directory (corpus cache, runs, results)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-items", type=int, default=600, help="training utterances per toy task")
-    parser.add_argument("--sft-steps", type=int, default=600, help="SFT warm-up steps (batches of 8 prompts)")
+    parser.add_argument("--sft-steps", type=int, default=800, help="SFT warm-up steps (batches of 8 prompts)")
     parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO / MP-GRPO steps (8 prompts x G=8)")
     parser.add_argument("--no-mp-grpo", action="store_true", help="skip the MP-GRPO row (saves ~1/4 of the time)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)")
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     for table in report["tables"]:
         print(table)
     steps = report["steps"]
-    print(f"Steps: SFT warm-up {steps['sft']}, GRPO {steps['grpo']}, more SFT {steps['sft_more']} (same wall-clock "
+    print(f"Steps: SFT warm-up {steps['sft']}, GRPO {steps['grpo']}, more SFT {steps['sft_more']} (same CPU time "
           f"as GRPO), MP-GRPO {steps['mp_grpo']}. Evaluation decoding: top-p 0.9, temperature 0.9, seed fixed.")
     b = report["test_bleu_all"]
     verdict = "beats" if report["grpo_beats_sft"] else "does NOT beat"

@@ -35,6 +35,7 @@ class TrainSession:
     def __init__(self, cfg: TrainConfig, opt_steps_per_step: int = 1):
         self.cfg = cfg
         self.t_start = time.perf_counter()
+        self.cpu_start = time.process_time()  # this process's CPU seconds: a compute measure robust to other load
         runtime.init_distributed_from_env()
         self.rank, _ = runtime.world()
         random.seed(cfg.seed)
@@ -197,6 +198,7 @@ class TrainSession:
             summary["test"] = score_test(self, model_dir=self.best_dir)
         summary["curves_png"] = self.logger.close(plot=self.cfg.logging.plot)
         summary["wall_s"] = time.perf_counter() - self.t_start
+        summary["cpu_s"] = time.process_time() - self.cpu_start
         if self.rank == 0:
             atomic_write_text(os.path.join(self.cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
         return summary
