@@ -94,14 +94,16 @@ def evaluate_systems(cfg: Any, systems: dict[str, str], manifests: str, out_dir:
 
 
 def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: int = 800, grpo_steps: int = 100,
-             mp_grpo: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole demo (see the module docstring). ``extra``: overrides applied to every stage (tests shrink it)."""
+             mp_grpo: bool = True, extra: dict[str, Any] | None = None, manifests: str | None = None
+             ) -> dict[str, Any]:
+    """The whole demo (see the module docstring). ``extra``: overrides applied to every stage (tests shrink it);
+    ``manifests``: an already prepared toy manifest dir (skips synthesis)."""
     from nemo_grpo.policy.tiny import make_tiny
 
     t0 = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    manifests = prepare_toy(out_dir, seed, num_items)
+    manifests = manifests or prepare_toy(out_dir, seed, num_items)
     t_data = time.perf_counter() - t0
     base = make_tiny(os.path.join(out_dir, "tiny_model"), seed=seed)
     common = {"data.manifest_dir": manifests, "seed": seed, "trainer.test_at_end": False, **(extra or {})}

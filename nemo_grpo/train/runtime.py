@@ -186,10 +186,23 @@ class DataStream:
         self.make_loader, self.seed, self.name = make_loader, seed, name
         self.epoch, self.index = 0, 0
         self._it: Iterator | None = None
+        self.loaders: list[Any] = []  # every loader opened by this process (their ``skips`` reports, if any)
 
     def _open(self) -> None:
         with isolated_rng(derive_seed(self.seed, self.name, self.epoch)):
-            self._it = iter(self.make_loader(self.epoch))
+            loader = self.make_loader(self.epoch)
+            self.loaders.append(loader)
+            self._it = iter(loader)
+
+    def skip_summary(self) -> dict[str, Any] | None:
+        """Merged ``skips`` (nemo_grpo.data SkipReport) of the loaders this process opened, or None."""
+        reports = [ld.skips for ld in self.loaders if hasattr(ld, "skips")]
+        if not reports:
+            return None
+        total = reports[0].__class__(f"{self.name} data")
+        for r in reports:
+            total.merge(r)
+        return total.to_dict() | {"summary": total.summary()}
 
     def _draw(self) -> Any:
         if self._it is None:

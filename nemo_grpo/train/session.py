@@ -190,6 +190,10 @@ class TrainSession:
         """Final checkpoint, the test evaluation with the best model (or the final one), the curves PNG."""
         self.save()
         summary: dict[str, Any] = {"step": self.step, "best": self.best, "output_dir": self.cfg.output_dir}
+        skips = self.train_data.skip_summary()
+        if skips is not None:
+            summary["train_data_skips"] = skips
+            log.info("%s (this process; details in summary.json)", skips["summary"])
         if not os.path.isdir(self.best_dir):
             # No validation ran: the final policy is the model this run produced.
             self.best = {"step": self.step, "metric": None, "value": None}
