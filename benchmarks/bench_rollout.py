@@ -30,12 +30,30 @@ NAME = "bench_rollout"
 GOAL = 2.0
 
 
-def ours_call(policy, batch, g: int, t: int, gen: torch.Generator) -> int:
+def ours_rollout(policy, batch, g: int, t: int, gen: torch.Generator):
     from nemo_grpo.rollout import rollout
 
     with common.fixed_length(policy):
-        ro = rollout(policy, batch, num_samples=g, max_new_tokens=t, generator=gen)
-    return int(ro.completions.mask.sum())
+        return rollout(policy, batch, num_samples=g, max_new_tokens=t, generator=gen)
+
+
+def ours_call(policy, batch, g: int, t: int, gen: torch.Generator) -> int:
+    return int(ours_rollout(policy, batch, g, t, gen).completions.mask.sum())
+
+
+def probe_call(policy, batch, g: int, t: int, gen: torch.Generator) -> int:
+    with common.lean_decode_probe(policy):
+        return ours_call(policy, batch, g, t, gen)
+
+
+def check_probe(policy, batch, g: int, t: int) -> float:
+    """The probe samples the same tokens as the shipped path from the same seed; returns max |log-prob diff|."""
+    a = ours_rollout(policy, batch, g, t, torch.Generator().manual_seed(0)).completions
+    with common.lean_decode_probe(policy):
+        b = ours_rollout(policy, batch, g, t, torch.Generator().manual_seed(0)).completions
+    if not torch.equal(a.token_ids, b.token_ids):
+        raise RuntimeError("lean decode probe sampled different tokens than the shipped decode path")
+    return float((a.logprobs - b.logprobs).abs().max())
 
 
 def hf_call(model, batch, g: int, t: int, pad_id: int, eos_id: int) -> int:
@@ -76,6 +94,8 @@ def run_setting(policy, hf, batch, args, megatron=None) -> dict:
              ("hf", lambda: hf_call(hf, batch, g, t, policy.pad_token_id, policy.eos_token_id))]
     if megatron is not None:
         calls.append(("ours_megatron", lambda: ours_call(megatron, batch, g, t, gen)))
+    if args.probe:
+        calls.append(("ours_lean_probe", lambda: probe_call(policy, batch, g, t, gen)))
     times: dict[str, list[float]] = {name: [] for name, _ in calls}
     tps: dict[str, list[float]] = {name: [] for name, _ in calls}
     for i in range(args.warmup + args.repeats):
@@ -88,7 +108,8 @@ def run_setting(policy, hf, batch, args, megatron=None) -> dict:
                 tps[name].append(n_tok / sec)
     ratio = common.median(tps["ours"]) / common.median(tps["hf"])
     audio_s = batch.input_features.shape[1] / 50.0  # 50 feature frames per second (padded length)
-    return {"B": b, "G": g, "T": t, "tokens_per_call": b * g * t, "audio_s_max": round(audio_s, 2),
+    extra = {"probe_logprob_max_abs_diff": check_probe(policy, batch, g, t)} if args.probe else {}
+    return {**extra, "B": b, "G": g, "T": t, "tokens_per_call": b * g * t, "audio_s_max": round(audio_s, 2),
             "prompt_tokens": int(batch.input_ids.shape[1]),
             "seconds_per_call": {k: common.summary(v) for k, v in times.items()},
             "tokens_per_s": {k: common.summary(v) for k, v in tps.items()},
@@ -106,13 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-megatron", dest="megatron", action="store_false",
                     help="skip the extra row: our rollout on the megatron-core backend")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="skip the extra row: our rollout with the lean-decode probe (common.lean_decode_probe)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
     if args.smoke:
         args.prompts, args.num_generations, args.new_tokens, args.warmup, args.repeats = 1, 2, 4, 0, 1
-        args.long_audio_seconds, args.megatron = 3.0, False
+        args.long_audio_seconds, args.megatron = 3.0, False  # the probe stays on: its token check is cheap
     logging.basicConfig(level=logging.WARNING)
     common.quiet()
     rec = common.record(NAME, args)
@@ -161,18 +184,24 @@ def markdown(rec: dict) -> list[str]:
               "encode once + one KV-cache batch over N rows; HF = generate(num_return_sequences=G), which expands "
               "the audio and the prompt to N rows.", "",
               "| setting | B x G x T | audio s (max) | prompt tokens | ours tok/s | HF tok/s | ours/HF | ours s/call "
-              "(min-max) | HF s/call (min-max) | verdict | ours, megatron backend: tok/s (vs HF) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(min-max) | HF s/call (min-max) | verdict | ours, megatron backend: tok/s (vs HF) | probe: ours with "
+              "lean decode steps, tok/s (vs HF) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rec["settings"].items():
         tp, s = st["tokens_per_s"], st["seconds_per_call"]
-        meg = (f"{tp['ours_megatron']['median']:.0f} ({tp['ours_megatron']['median'] / tp['hf']['median']:.2f}x)"
-               if "ours_megatron" in tp else "-")
+        def vs_hf(k: str) -> str:
+            return f"{tp[k]['median']:.0f} ({tp[k]['median'] / tp['hf']['median']:.2f}x)" if k in tp else "-"
         lines.append(f"| {name} | {st['B']} x {st['G']} x {st['T']} | {st['audio_s_max']} | {st['prompt_tokens']} | "
                      f"{tp['ours']['median']:.0f} | {tp['hf']['median']:.0f} | **{st['ratio_ours_over_hf']:.2f}x** | "
                      f"{s['ours']['median']:.3f} ({s['ours']['min']:.3f}-{s['ours']['max']:.3f}) | "
                      f"{s['hf']['median']:.3f} ({s['hf']['min']:.3f}-{s['hf']['max']:.3f}) | {st['verdict']} | "
-                     f"{meg} |")
-    lines += ["", f"Goal: {rec['goal']} — {rec['verdict']}", ""]
+                     f"{vs_hf('ours_megatron')} | {vs_hf('ours_lean_probe')} |")
+    lines += ["", f"Goal: {rec['goal']} — {rec['verdict']}", "",
+              "Probe (not shipped, `common.lean_decode_probe`): the same rollout with KV-cache decode steps calling "
+              "the Granite decoder layers directly instead of `GraniteModel.forward`; checked to sample identical "
+              "tokens (max |log-prob diff| "
+              + ", ".join(f"{st.get('probe_logprob_max_abs_diff', float('nan')):.1e}"
+                          for st in rec["settings"].values())
+              + "). It measures how much of our rollout is HF's per-token wrapper overhead.", ""]
     for name, text in rec["profiles"].items():
         lines += [f"### Profile: {name}", ""] + common.code_block(text)
     return lines
