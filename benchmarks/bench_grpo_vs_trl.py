@@ -193,9 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-generations", type=int, default=8, help="G")
     ap.add_argument("--completion-length", type=int, default=32, help="T (forced)")
     ap.add_argument("--beta", type=float, default=0.02)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-audio", action="store_true", help="skip the ours-with-audio reference run")
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="skip the extra run with the lean-decode probe (common.lean_decode_probe, not shipped)")
