@@ -149,7 +149,9 @@ def transformer_config(
         bf16=bf16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,  # every weight is loaded from the HF checkpoint (convert.load_into_gpt checks)
+        # perform_initialization stays on although every weight is then loaded from the HF checkpoint: in
+        # megatron-core 0.16 it is also what tags TP-sharded weights (``tensor_model_parallel``), without which
+        # the gradient norm counts each shard as a TP duplicate (wrong norm, wrong clipping)
         # CPU/no-TE: fused kernels need CUDA/apex/TE or trigger long torch.compile warm-ups (stack facts)
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
