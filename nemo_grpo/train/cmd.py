@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.dry_run and not os.path.isdir(cfg.model.path):
+            raise ValueError(f"config key 'model.path': {cfg.model.path!r} is not a directory (set model.path= to "
+                             "a local Granite Speech checkpoint)")
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

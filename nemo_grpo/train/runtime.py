@@ -53,6 +53,11 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
 def dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
     """Sum of ``x`` over data-parallel ranks (a new tensor; see the module docstring)."""
     _, w = world()

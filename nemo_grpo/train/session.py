@@ -150,7 +150,9 @@ class TrainSession:
         tmp = os.path.join(self.cfg.output_dir, ".tmp_best")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
+        runtime.barrier()
+        self.policy.save_pretrained(tmp)  # collective for sharded backends; rank 0 writes
+        runtime.barrier()
         if self.rank == 0:
             with open(os.path.join(tmp, "best.json"), "w") as f:
                 json.dump(self.best, f)
@@ -160,6 +162,7 @@ class TrainSession:
                 os.rename(self.best_dir, old)
             os.rename(tmp, self.best_dir)
             shutil.rmtree(old, ignore_errors=True)
+        runtime.barrier()  # nobody reads best/ before it is complete
 
     # ------------------------------------------------------------------------------------------ validation ----
     def validate(self) -> float:
