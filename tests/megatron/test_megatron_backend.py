@@ -150,3 +150,18 @@ def test_unknown_backend_option_is_a_config_error():
     cfg = SimpleNamespace(backend_options={"fp9": 1}, path=".", tensor_parallel_size=1, sequence_parallel=False)
     with pytest.raises(ValueError, match="model.backend_options"):
         build_policy(cfg)
+
+
+def test_pad_equal_to_eos_gets_the_hf_backends_distinct_pad(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from nemo_grpo.policy.megatron.policy import _ensure_distinct_pad
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = tok.pad_token_id
+    tok.pad_token = tok.eos_token  # what Granite's real tokenizer does
+    _ensure_distinct_pad(tok, vocab_size=len(tok))
+    assert tok.pad_token_id == expected != tok.eos_token_id
+    tok.pad_token = tok.eos_token
+    with pytest.raises(ValueError, match="no spare row"):
+        _ensure_distinct_pad(tok, vocab_size=expected)

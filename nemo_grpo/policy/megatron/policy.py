@@ -44,6 +44,19 @@ class GraniteSpeechMegatron(torch.nn.Module):
         self.encoder, self.projector, self.llm = encoder, projector, llm
 
 
+def _ensure_distinct_pad(tokenizer, vocab_size: int) -> None:
+    """As the HF backend: Granite's own tokenizer pads with <|end_of_text|>, which would hide eos from the loss;
+    use a separate ``<|pad|>`` in a spare embedding row (Granite checkpoints have spare rows)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    if tokenizer.pad_token_id >= vocab_size:
+        raise ValueError(f"tokenizer pad == eos and the vocabulary ({vocab_size}) has no spare row for a distinct "
+                         "<|pad|>: give the checkpoint's tokenizer a pad token")
+    log.warning("tokenizer pad == eos: using a distinct pad token %r (id %d)", tokenizer.pad_token,
+                tokenizer.pad_token_id)
+
+
 def _merge_audio_lora(path: str, hf_llm: dict[str, torch.Tensor]) -> bool:
     """Fold a PEFT audio adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into the base weights:
     W += (lora_alpha / r) B A. Returns True when an adapter was merged."""
@@ -125,6 +138,7 @@ class MegatronGraniteSpeechPolicy:
         parallel.init_model_parallel(tensor_parallel_size, seed=seed)
         config = GraniteSpeechConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        _ensure_distinct_pad(tokenizer, config.text_config.vocab_size)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         state = convert.read_hf_state(path)
         encoder = hf_gs.GraniteSpeechCTCEncoder(config.encoder_config)
