@@ -66,7 +66,8 @@ def test_step_share_smoke(tmp_path, toy_corpus_dir):
     assert set(rec["results"]) == {"bleu", "chrf"}
     for r in rec["results"].values():
         assert 0 < r["data"] < 1 and 0 < r["reward"] < 1
-        assert math.isclose(r["share"], r["data"] + r["reward"])
+        assert math.isclose(r["share"], r["data"] + r["reward"])  # one step: the medians are that step's shares
+        assert math.isclose(r["share"], r["share_of_sums"])
         assert r["prompts_per_step"] and all(b >= 1 for b in r["prompts_per_step"])
 
 
