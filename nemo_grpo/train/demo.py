@@ -121,6 +121,9 @@ def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: in
     more_steps = max(1, round(grpo["cpu_s"] / cpu_per_sft_step))
     sft_more = train_stage("tiny_sft", {**common, "model.path": sft_dir, "output_dir": os.path.join(out_dir, "sft_more"),
                                         "trainer.max_steps": more_steps, "optim.warmup_ratio": 0.0,
+                                        # continue at the warm-up's final learning rate (= GRPO's lr)
+                                        "optim.schedule": "constant", "optim.lr": sft["config"].optim.lr
+                                        * sft["config"].optim.min_lr_ratio,
                                         "trainer.val_every": max(1, more_steps // 5), "trainer.save_every": more_steps})
     systems = {SYSTEMS[0]: base, SYSTEMS[1]: sft_dir, SYSTEMS[2]: os.path.join(out_dir, "sft_more", "best"),
                SYSTEMS[3]: os.path.join(out_dir, "grpo", "best")}
