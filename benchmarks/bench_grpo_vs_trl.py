@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="skip the extra run with the lean-decode probe (common.lean_decode_probe, not shipped)")
     ap.add_argument("--profile", action="store_true", help="include profiles even when the goal is met")
+    ap.add_argument("--model", default="tiny", choices=sorted(common.MODEL_PRESETS),
+                    help="model size preset (common.MODEL_PRESETS)")
+    ap.add_argument("--tag", default="", help="suffix for the result file names (e.g. the --model preset)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round (CI: proves it runs)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     reward_fn = build_reward("bleu")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = common.make_tiny_model(os.path.join(tmp, "tiny"))
+        model_dir = common.make_tiny_model(os.path.join(tmp, "tiny"), args.model)
+        rec["model"] = {"preset": args.model, "parameters": common.model_parameters(model_dir)}
         lm_dir = export_granite_lm(model_dir, os.path.join(tmp, "lm"))
         cfg = common.train_config(model_dir, num_generations=args.num_generations, beta=args.beta,
                                   max_new_tokens=args.completion_length, loss_type="dapo")
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     rec["goal"] = f"ours/TRL <= {GOAL}"
     rec["verdict"] = common.verdict(ratio, GOAL, higher_is_better=False)
     rec["profiles"] = profiles
-    common.write_results(NAME, rec, markdown(rec), args.out)
+    common.write_results(NAME + (f"_{args.tag}" if args.tag else ""), rec, markdown(rec), args.out)
     print(f"{NAME}: ours {common.median(res['ours_text']) * 1e3:.1f} ms/step, TRL "
           f"{common.median(res['trl']) * 1e3:.1f} ms/step -> ours/TRL = {ratio:.3f} {rec['verdict']}")
     return rec
@@ -287,7 +291,9 @@ def _add(acc: dict, ph: dict) -> None:
 def markdown(rec: dict) -> list[str]:
     st, s = rec["settings"], rec["step_s"]
     lines = common.md_header(rec, "GRPO step: nemo_grpo vs TRL 1.16 GRPOTrainer (tiny Granite LM, CPU)")
-    lines += [f"Setting: B={st['B']} prompt(s) x G={st['G']} samples x T={st['T']} forced new tokens, beta "
+    lines += [f"Model: `{rec['model']['preset']}` random Granite Speech ({rec['model']['parameters'] / 1e6:.2f} M "
+              "parameters; TRL gets its LM as GraniteForCausalLM).", "",
+              f"Setting: B={st['B']} prompt(s) x G={st['G']} samples x T={st['T']} forced new tokens, beta "
               f"{st['beta']}, loss dapo, BLEU reward, fp32, 1 thread. Same weights both sides (max |log-prob diff| "
               f"ours vs GraniteForCausalLM: {rec['logprob_max_abs_diff_vs_GraniteForCausalLM']:.2e}).", "",
               "| system | median s/step | min | max | n |", "|---|---|---|---|---|"]

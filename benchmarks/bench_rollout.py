@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="skip the extra row: our rollout with the lean-decode probe (common.lean_decode_probe)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--model", default="tiny", choices=sorted(common.MODEL_PRESETS),
+                    help="model size preset (common.MODEL_PRESETS)")
+    ap.add_argument("--tag", default="", help="suffix for the result file names (e.g. the --model preset)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
 
     tmp = tempfile.TemporaryDirectory()
-    model_dir = common.make_tiny_model(os.path.join(tmp.name, "tiny"))
+    model_dir = common.make_tiny_model(os.path.join(tmp.name, "tiny"), args.model)
+    rec["model"] = {"preset": args.model, "parameters": common.model_parameters(model_dir)}
     policy = HFGraniteSpeechPolicy.from_pretrained(model_dir)
     hf = GraniteSpeechForConditionalGeneration.from_pretrained(model_dir).eval()
     batches = {"toy_utterances": common.speech_batch(policy, args.prompts)}
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         rec["profiles"]["hf_cprofile"] = common.cprofile_top(
             lambda: hf_call(hf, b0, g, t, policy.pad_token_id, policy.eos_token_id), top=25)
     tmp.cleanup()
-    common.write_results(NAME, rec, markdown(rec), args.out)
+    common.write_results(NAME + (f"_{args.tag}" if args.tag else ""), rec, markdown(rec), args.out)
     for name, st in rec["settings"].items():
         tp = st["tokens_per_s"]
         print(f"{NAME} [{name}]: ours {tp['ours']['median']:.0f} tok/s, HF generate {tp['hf']['median']:.0f} tok/s "
@@ -185,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(rec: dict) -> list[str]:
     lines = common.md_header(rec, "Rollout throughput: nemo_grpo rollout vs HF generate (tiny Granite Speech, CPU)")
-    lines += ["Both sides generate exactly B*G*T tokens per call (checked); temperature 1, fp32, 1 thread. ours = "
+    lines += [f"Model: `{rec['model']['preset']}` random Granite Speech ({rec['model']['parameters'] / 1e6:.2f} M "
+              "parameters).", "",
+              "Both sides generate exactly B*G*T tokens per call (checked); temperature 1, fp32, 1 thread. ours = "
               "encode once + one KV-cache batch over N rows; HF = generate(num_return_sequences=G), which expands "
               "the audio and the prompt to N rows.", "",
               "| setting | B x G x T | audio s (max) | prompt tokens | ours tok/s | HF tok/s | ours/HF | ours s/call "

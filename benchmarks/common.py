@@ -178,11 +178,29 @@ def verdict(ratio: float, goal: float, higher_is_better: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------ inputs --------------
-def make_tiny_model(out_dir: str, **overrides: Any) -> str:
-    """The project's tiny random Granite Speech (``nemo_grpo.policy.tiny.make_tiny``, seed 0) in ``out_dir``."""
+# ``--model`` presets: make_tiny overrides. "tiny" is the project's test model (~0.45 M parameters, per-token Python
+# overhead dominates on CPU); "small" (~8 M) is large enough that matrix math dominates most of a step on one thread,
+# to see how the ratios move toward the compute-bound regime of real checkpoints.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "small": {"hidden": 256, "text_layers": 8, "text_heads": 8, "text_kv_heads": 4, "text_ffn": 1024,
+              "encoder_layers": 4, "qformer_heads": 8, "encoder_heads": 8},
+}
+
+
+def make_tiny_model(out_dir: str, preset: str = "tiny", **overrides: Any) -> str:
+    """The project's random Granite Speech (``nemo_grpo.policy.tiny.make_tiny``, seed 0) in ``out_dir``; ``preset``
+    names a ``MODEL_PRESETS`` entry (default: the tiny test model)."""
     from nemo_grpo.policy.tiny import make_tiny
 
-    return make_tiny(out_dir, seed=0, **overrides)
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"--model {preset!r}: choose one of {sorted(MODEL_PRESETS)}")
+    return make_tiny(out_dir, seed=0, **{**MODEL_PRESETS[preset], **overrides})
+
+
+def model_parameters(model_dir: str) -> int:
+    with open(os.path.join(model_dir, "tiny_info.json"), encoding="utf-8") as f:
+        return int(json.load(f)["parameters"])
 
 
 SENTENCES = (
