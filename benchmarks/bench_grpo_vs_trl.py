@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (pins threads / offline mode before torch)
@@ -113,11 +112,11 @@ def _timed_method(obj, name: str, acc: dict) -> None:
     fn = getattr(obj, name)
 
     def wrapper(*a, **k):
-        t0 = time.perf_counter()
+        t0 = common.now()
         try:
             return fn(*a, **k)
         finally:
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+            acc[name] = acc.get(name, 0.0) + common.now() - t0
     setattr(obj, name, wrapper)
 
 
@@ -133,10 +132,10 @@ def run_trl(lm_dir: str, args, steps: int, tmp: str, reward_fn, phases: dict | N
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            times.append(time.perf_counter())
+            times.append(common.now())
 
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter())
+            times.append(common.now())
 
     b, g, t = args.prompts, args.num_generations, args.completion_length
     cfg = GRPOConfig(
@@ -171,9 +170,9 @@ def run_ours(s: common.StepSession, ref, reward_fn, steps: int, batch_fn, probe:
     times, phases = [], {}
     with common.fixed_length(s.policy), (common.lean_decode_probe(s.policy) if probe else contextlib.nullcontext()):
         for i in range(steps):
-            t0 = time.perf_counter()
+            t0 = common.now()
             common.grpo_step(s, batch_fn(i), reward_fn, ref, phases)
-            times.append(time.perf_counter() - t0)
+            times.append(common.now() - t0)
     return times, phases
 
 
@@ -203,9 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="tiny", choices=sorted(common.MODEL_PRESETS),
                     help="model size preset (common.MODEL_PRESETS)")
     ap.add_argument("--tag", default="", help="suffix for the result file names (e.g. the --model preset)")
+    common.add_clock_argument(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round (CI: proves it runs)")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
+    common.set_clock(args.clock)
     if args.smoke:
         args.num_generations, args.completion_length, args.rounds, args.warmup, args.repeats = 2, 4, 1, 1, 1
     logging.basicConfig(level=logging.WARNING)

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -32,10 +31,10 @@ def run_config(s, ref, batch, reward_fn, g: int, t: int, steps: int, warmup: int
     with common.fixed_length(s.policy):
         for i in range(warmup + steps):
             ph: dict[str, float] = {}
-            t0 = time.perf_counter()
+            t0 = common.now()
             common.grpo_step(s, batch, reward_fn, ref, ph)
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(common.now() - t0)
                 for k, v in ph.items():
                     phases[k] = phases.get(k, 0.0) + v
     return times, phases
@@ -57,9 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    common.add_clock_argument(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
+    common.set_clock(args.clock)
     if args.smoke:
         args.prompts, args.gs, args.ts, args.base_g, args.base_t = 1, [2, 3], [2, 4], 2, 4
         args.rounds, args.warmup, args.repeats = 1, 0, 1

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -87,11 +86,11 @@ def measure(s, ref, stream, reward_fn, steps: int, warmup: int) -> dict:
     rows = []
     for i in range(warmup + steps):
         phases: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0 = common.now()
         batch = next(stream)
-        t_data = time.perf_counter() - t0
+        t_data = common.now() - t0
         metrics = common.grpo_step(s, batch, reward_fn, ref, phases)
-        total = time.perf_counter() - t0
+        total = common.now() - t0
         if i >= warmup:
             rows.append({"data": t_data, "reward": phases["reward"], "total": total, "B": len(batch),
                          "len_mean": metrics["completion/len_mean"], **{f"phase_{k}": v for k, v in phases.items()}})
@@ -111,9 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-workers-run", dest="workers_run", action="store_false",
                     help="skip the extra run of the first reward with a prefetching loader worker")
     ap.add_argument("--profile", action="store_true")
+    common.add_clock_argument(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
+    common.set_clock(args.clock)
     if args.smoke:
         args.batch_size, args.num_generations, args.max_new_tokens = 2, 2, 4
         args.warmup, args.repeats, args.corpus_num, args.workers_run = 0, 1, 8, False
