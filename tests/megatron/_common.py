@@ -35,6 +35,10 @@ def completions(tokenizer):
     from nemo_grpo.policy.inputs import encode_completions
 
     ids, mask = encode_completions(tokenizer, ["the red box", "eins zwei drei", "die rote Kiste ist links", "no"])
+    # a sampled pad token before eos (it happens): HF's embedding has padding_idx=pad, so that lookup passes no
+    # gradient to the pad row; the megatron backend must match
+    ids = ids.clone()
+    ids[0, 1] = tokenizer.pad_token_id
     return ids, mask, torch.tensor([0, 0, 1, 1])
 
 

@@ -1,8 +1,10 @@
 """The GRPO recipes (nemo_grpo.train) with ``model.backend: megatron``: TP=1 == HF backend == TP=2(+SP), end to end.
 
-Two launches (the world size decides TP x DP): 1 rank runs megatron TP=1 and the HF backend, 2 ranks run megatron
-TP=2 + sequence parallel (DP=1, so the same data and sampling stream as the 1-rank runs). Each run is 3 steps of a
-tiny recipe on the toy corpora, with validation, checkpoint, best-model export and test evaluation at the end.
+Two launches (the world size decides TP x DP): 1 rank runs megatron TP=1 and the HF backend; 2 ranks run megatron
+TP=2 (+ sequence parallel) with DP=1, so the same data and sampling stream as the 1-rank runs, and then both
+backends as DP=2. Each run is 3 steps of a
+tiny recipe on the toy corpora; the TP=2 GRPO run also validates, checkpoints, exports the best model and runs
+the test evaluation (the others skip validation/test decoding to save time).
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ def runs(tiny_model_dir, megatron_toy_manifests, tmp_path_factory):
     ov = overrides(tiny_model_dir, megatron_toy_manifests, str(work / "runs"))
     out = {}
     mp, grpo = "tiny_mp_grpo.yaml", "tiny_grpo.yaml"
-    for nproc, specs in ((1, [f"mp_tp1:{mp}:megatron:1:0", f"mp_hf:{mp}:hf:1:0", f"grpo_tp1:{grpo}:megatron:1:0"]),
-                         (2, [f"mp_tp2sp:{mp}:megatron:2:1", f"grpo_tp2:{grpo}:megatron:2:0"])):
+    for nproc, specs in ((1, [f"mp_tp1:{mp}:megatron:1:0:lean", f"mp_hf:{mp}:hf:1:0:lean",
+                              f"grpo_tp1:{grpo}:megatron:1:0:lean"]),
+                         (2, [f"mp_tp2sp:{mp}:megatron:2:1:lean", f"grpo_tp2:{grpo}:megatron:2:0",
+                              f"mp_dp2:{mp}:megatron:1:0:lean", f"mp_hf_dp2:{mp}:hf:1:0:lean"])):
         res = work / f"world{nproc}.json"
         torchrun("worker_grpo.py", [str(res), *specs, "--", *ov], nproc=nproc)
         out.update(json.loads(res.read_text()))
@@ -64,6 +68,16 @@ def test_mp_grpo_losses_equal_across_tp_and_backends(runs):
     assert steps(runs["mp_tp1"])[0]["train/grad_norm"] > 1e-3  # a real update happened
     kl = [r["loss/on/kl"] for r in steps(runs["mp_tp2sp"])]
     assert kl[0] == 0.0 and kl[-1] > 0.0  # the policy moved away from the frozen reference
+
+
+@pytest.mark.integration
+def test_data_parallel_megatron_equals_hf(runs):
+    """2 ranks as DP=2 (TP=1): megatron DDP + distributed optimizer average gradients like the HF backend's
+    all-reduce (each rank its own prompts and sampling stream)."""
+    assert_same(runs["mp_dp2"], runs["mp_hf_dp2"], "DP=2 megatron vs HF")
+    first = steps(runs["mp_dp2"])[0]
+    assert first["completion/counted_tokens"] != steps(runs["mp_tp1"])[0]["completion/counted_tokens"] or \
+        first["train/loss"] != steps(runs["mp_tp1"])[0]["train/loss"]  # really a different (sharded) batch
 
 
 @pytest.mark.integration

@@ -1,7 +1,8 @@
 """torchrun worker: a tiny GRPO recipe for a few steps with the given backends.
 
 Usage: torchrun --nproc_per_node=K tests/megatron/worker_grpo.py OUT_JSON RUN [RUN ...] -- OVERRIDE [...]
-RUN is ``name:recipe:backend:tp:sp`` (e.g. ``mp_tp2sp:tiny_mp_grpo.yaml:megatron:2:1``, recipe a conf/ file);
+RUN is ``name:recipe:backend:tp:sp[:lean]`` (e.g. ``mp_tp2sp:tiny_mp_grpo.yaml:megatron:2:1``, recipe a conf/ file;
+``lean``: no validation / test evaluation);
 each run writes <output_dir>/<name> and OUT_JSON gets
 every run's metrics.jsonl rows (rank 0). Runs in one launch share the process group (same world size).
 """
@@ -17,7 +18,8 @@ import _common as C  # noqa: E402,F401  (env + threads)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_one(recipe: str, name: str, backend: str, tp: int, sp: bool, overrides: list[str]) -> list[dict]:
+def run_one(recipe: str, name: str, backend: str, tp: int, sp: bool, overrides: list[str], lean: bool
+            ) -> list[dict]:
     from nemo_grpo.train.cmd import run_config
     from nemo_grpo.train.config import load_config
 
@@ -26,6 +28,8 @@ def run_one(recipe: str, name: str, backend: str, tp: int, sp: bool, overrides: 
     ov = [o for o in overrides if not o.startswith("output_dir=")]
     ov += [f"output_dir={out_dir}", f"model.backend={backend}", f"model.tensor_parallel_size={tp}",
            f"model.sequence_parallel={str(sp).lower()}"]
+    if lean:  # training steps only: no validation decode, no test evaluation (the final checkpoint still runs)
+        ov += ["trainer.val_every=0", "trainer.test_at_end=false"]
     cfg = load_config(os.path.join(REPO, "conf", recipe), ov)
     summary = run_config(cfg)
     rows = []
@@ -42,8 +46,8 @@ def main() -> None:
     runs, overrides = sys.argv[2:sep], sys.argv[sep + 1:]
     result = {}
     for spec in runs:
-        name, recipe, backend, tp, sp = spec.split(":")
-        result[name] = run_one(recipe, name, backend, int(tp), sp == "1", overrides)
+        name, recipe, backend, tp, sp, *flags = spec.split(":")
+        result[name] = run_one(recipe, name, backend, int(tp), sp == "1", overrides, "lean" in flags)
     C.write_result(out, result)
 
 

@@ -218,12 +218,20 @@ def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool =
         scatter_embedding_sequence_parallel=False,
     )
     gpt.granite_vocab_size = text_cfg.vocab_size
+    gpt.granite_padding_idx = getattr(text_cfg, "pad_token_id", None)
     return gpt.to(params_dtype)
 
 
 def text_embeddings(gpt, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token embeddings [B, S, H] (full vocab, all-reduced over TP) of ``input_ids`` [B, S]."""
-    return gpt.embedding.word_embeddings(input_ids)
+    """Token embeddings [B, S, H] (full vocab, all-reduced over TP) of ``input_ids`` [B, S].
+
+    As HF's ``nn.Embedding(..., padding_idx=text_config.pad_token_id)``: lookups of the padding id pass no
+    gradient to its row (the tied LM head still does)."""
+    emb = gpt.embedding.word_embeddings(input_ids)
+    pad = getattr(gpt, "granite_padding_idx", None)
+    if pad is None or not emb.requires_grad:
+        return emb
+    return torch.where((input_ids == pad).unsqueeze(-1), emb.detach(), emb)
 
 
 def merged_decoder_input(gpt, embeds: torch.Tensor, embedding_multiplier: float) -> torch.Tensor:

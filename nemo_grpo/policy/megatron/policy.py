@@ -141,8 +141,9 @@ class MegatronGraniteSpeechPolicy:
         _ensure_distinct_pad(tokenizer, config.text_config.vocab_size)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         state = convert.read_hf_state(path)
-        encoder = hf_gs.GraniteSpeechCTCEncoder(config.encoder_config)
-        projector = hf_gs.GraniteSpeechEncoderProjector(config)
+        with torch.device(device or "cpu"):  # random init is overwritten: do it where it is fast
+            encoder = hf_gs.GraniteSpeechCTCEncoder(config.encoder_config)
+            projector = hf_gs.GraniteSpeechEncoderProjector(config)
         for name, module in (("model.encoder.", encoder), ("model.projector.", projector)):
             sub = {k[len(name):]: v for k, v in state.items() if k.startswith(name)}
             module.load_state_dict(sub, strict=True)
