@@ -65,5 +65,3 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
 
 
-def argv(i: int) -> str:
-    return sys.argv[i]
