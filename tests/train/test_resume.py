@@ -17,8 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _cmd(model_dir, manifests, out):
+    # chrF gives the random tiny model a non-zero, varying reward, so every step really updates the weights
     ov = tiny_overrides(model_dir, manifests, out, **{"trainer.max_steps": 5, "trainer.save_every": 1,
-                                                      "trainer.val_every": 2, "trainer.test_at_end": False})
+                                                      "trainer.val_every": 2, "trainer.test_at_end": False,
+                                                      "reward": "chrf", "optim.lr": 1e-3})
     return [sys.executable, "-m", "nemo_grpo.cli", "train", "--config", os.path.join(ROOT, "conf/tiny_grpo.yaml"), *ov]
 
 
@@ -67,3 +69,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, toy_manifests,
     wa = load_file(os.path.join(full, "checkpoints", "step_000005", "policy", "model.safetensors"))
     wb = load_file(os.path.join(killed, "checkpoints", "step_000005", "policy", "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    w0 = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    common = [(k, k.removeprefix("model.")) for k in wa if k.removeprefix("model.") in w0]  # 5.x vs saved names
+    assert len(common) > 50
+    assert any(not torch.equal(w0[k0], wa[k]) for k, k0 in common)  # training did move the weights
+    assert all(r["groups/zero_variance_frac"] < 1 for r in a if "groups/zero_variance_frac" in r)
