@@ -43,7 +43,10 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
         if cfg.wandb.enabled:
-            import wandb  # optional dependency, imported only when asked for
+            try:
+                import wandb  # optional dependency, imported only when asked for
+            except ImportError as e:
+                raise ValueError("config key 'logging.wandb.enabled' needs the wandb package (pip install wandb)") from e
 
             self._wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
                                      dir=output_dir, config=run_config, resume="allow")

@@ -96,3 +96,27 @@ def test_checkpointer_atomic_latest_and_pruning(tmp_path):
         f.write("step_000009")
     with pytest.raises(ValueError, match="step_000009"):
         ck.latest()
+
+
+def test_metrics_logger_tensorboard_png_and_resume_truncation(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nemo_grpo.train.config import LoggingConfig
+    from nemo_grpo.train.metrics_logging import MetricsLogger
+
+    cfg = LoggingConfig(progress_bar=True)
+    lg = MetricsLogger(str(tmp_path), cfg, total_steps=4)
+    for step in range(1, 5):
+        lg.log(step, {"reward/mean": 0.1 * step, "reward/std": 0.05, "perf/rollout_s": 1.0})
+        lg.progress(step)
+    lg.log(4, {"val/bleu": 12.5})
+    lg.log_text(4, "samples", "hyp: a\nref: b")
+    png = lg.close()
+    assert png and os.path.getsize(png) > 1000
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert acc.Scalars("val/bleu")[0].step == 4
+    # a resume from step 2 drops what the killed run logged after its checkpoint
+    MetricsLogger(str(tmp_path), LoggingConfig(tensorboard=False, progress_bar=False), start_step=2).close(plot=False)
+    assert [r["step"] for r in lg.history()] == [1, 2]
