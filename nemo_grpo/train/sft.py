@@ -39,6 +39,7 @@ def train_sft(cfg: TrainConfig) -> dict[str, Any]:
     while s.step < cfg.trainer.max_steps:
         batch = s.next_batch()
         with s.timer("train"):
+            # targets capped at the completion length GRPO samples (grpo.max_new_tokens), eos always kept
             ids, mask = encode_completions(s.policy.tokenizer, batch.references,
                                            max_tokens=cfg.grpo.max_new_tokens)  # [B, T]
             ids, mask = ids.to(s.device), mask.to(s.device)
