@@ -164,6 +164,8 @@ def torchrun_node(node_rank: int, port: int, rdzv_id: str, ov: list[str]) -> lis
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={DP}", f"--nproc_per_node={TP}",
             f"--node_rank={node_rank}",  # what the static backend would need; c10d assigns node ranks itself
             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={rdzv_id}",
+            # this box's address for the rendezvous and the workers' store, not its (maybe unresolvable) FQDN
+            "--local_addr=127.0.0.1",
             "--rdzv_conf=join_timeout=120", "--max_restarts=0",
             "-m", "nemo_grpo.cli", "train", "--config", RECIPE, *ov]
 
