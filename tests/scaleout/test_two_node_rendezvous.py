@@ -103,8 +103,7 @@ class Job:
                                      start_new_session=True)
 
     def tail(self, n: int = 4000) -> str:
-        self._log.flush()
-        with open(self.log_path, errors="replace") as f:
+        with open(self.log_path, errors="replace") as f:  # the children write it; this process never does
             text = f.read()
         return f"----- {self.name}: {' '.join(self.cmd[:12])} ... (rc={self.proc.poll()})\n{text[-n:]}"
 
