@@ -120,7 +120,10 @@ def add_clock_argument(ap: Any) -> None:
 
 
 def clock_note(rec: dict[str, Any]) -> str:
-    if rec["args"].get("clock", "cpu") == "cpu":
+    """The md line naming the clock; empty for a benchmark that has no ``--clock`` (it times on its own)."""
+    if "clock" not in rec["args"]:
+        return ""
+    if rec["args"]["clock"] == "cpu":
         return ("Times are CPU seconds of the benchmark process (`time.process_time`; everything timed runs in it on "
                 "one thread, TRL included): robust to the shared machine's load. `--clock wall` gives wall time.")
     return "Times are wall-clock seconds (`time.perf_counter`)."
@@ -185,7 +188,7 @@ def md_header(rec: dict[str, Any], title: str) -> list[str]:
         f"- versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, "
         f"lhotse {v['lhotse']}, python {v['python']}",
         f"- args: `{json.dumps(rec['args'])}`",
-        f"- {clock_note(rec)}", "",
+        *([f"- {clock_note(rec)}"] if clock_note(rec) else []), "",
     ]
 
 
