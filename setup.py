@@ -6,8 +6,11 @@ setup(
     version="0.1.0",
     description="GRPO and Mixed-Policy GRPO for Granite Speech on spoken QA and speech translation",
     python_requires=">=3.11",
-    packages=find_packages(include=["nemo_grpo", "nemo_grpo.*"]),
-    package_data={"nemo_grpo": ["data/*.yaml", "conf/*.yaml"]},
+    # The YAML recipes live in conf/ at the repo root (NeMo layout) and ship inside the wheel as nemo_grpo/conf,
+    # where `nemo-grpo demo` and `train` find them in a non-editable install.
+    packages=find_packages(include=["nemo_grpo", "nemo_grpo.*"]) + ["nemo_grpo.conf"],
+    package_dir={"nemo_grpo.conf": "conf"},
+    package_data={"nemo_grpo": ["data/*.yaml"], "nemo_grpo.conf": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         "torch",  # pinned by constraints.txt (2.13.0 CPU wheel); never let a resolver pick a CUDA build
         "transformers==5.23.0",  # 5.24 needs peft>=0.22 (not released) and breaks audio-LoRA generate()
