@@ -8,6 +8,11 @@ Why not ``model.forward``/``model.generate``:
     every forward runs the projector once per prompt and expands the merged prompt embeddings to the G samples.
   * position ids come from the attention mask (cumsum - 1), so a LEFT-padded row is computed exactly like the
     unpadded prompt, in prefill, in every KV-cache step and in scoring.
+  * KV-cache decode steps skip ``GraniteModel.forward`` (``_LeanDecoder``): per token, HF rebuilds the mask, grows a
+    ``DynamicCache`` by concatenation, recomputes RoPE and wraps outputs, which dominated a small model's rollout.
+    The lean step calls the same Granite submodules (norms, q/k/v/o projections, LoRA-wrapped or not, MLP) with
+    Granite's multipliers, over a per-layer KV cache written in place, with the mask and RoPE built once per rollout.
+    ``policy.lean_decode = False`` restores the HF-model step (the reference the tests compare against).
 Audio LoRA (the real checkpoints' q/v adapter, ``adapter_config.json`` in the dir): loaded by ``from_pretrained``
 and enabled whenever audio is present (every PromptBatch has audio), as ``GraniteSpeechForConditionalGeneration.
 generate`` does; ``forward`` alone never toggles it. Optional LoRA training via ``lora={...}``.
@@ -109,6 +114,74 @@ def _ensure_distinct_pad(model, tokenizer) -> None:
                 tokenizer.pad_token_id)
 
 
+class _LeanDecoder:
+    """One-token decode steps over Granite's decoder layers, for ``HFGraniteSpeechPolicy.generate``.
+
+    Built once per rollout from the B-row prefill ``DynamicCache``: per-layer keys/values [N, Hkv, P+T, D] (the prompt
+    repeated G times, decode columns written in place), the bool attention mask [N, 1, 1, P+T] (True = attend; None
+    when no prompt is padded) and RoPE cos/sin [N, T, D] at the mask-derived positions (real prompt tokens + t).
+    The math is ``GraniteModel.forward`` + ``GraniteDecoderLayer``'s, op for op, with sdpa's single-query GQA packing.
+    """
+
+    @staticmethod
+    def supports(lm) -> bool:
+        """Plain Granite layers with a position-independent RoPE; anything else keeps the HF-model step."""
+        from transformers.models.granite.modeling_granite import GraniteDecoderLayer
+
+        return (lm.rotary_emb.rope_type == "default" and not lm.config.attention_bias
+                and all(type(layer) is GraniteDecoderLayer for layer in lm.layers))
+
+    def __init__(self, lm, prompt_cache, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int):
+        """prompt_cache: prefill DynamicCache over B rows; prompt_mask [B, P] 0/1."""
+        from transformers.models.granite.modeling_granite import apply_rotary_pos_emb
+
+        self.lm, self.rope = lm, apply_rotary_pos_emb
+        bsz, plen = prompt_mask.shape
+        n, total = bsz * num_samples, plen + max_new_tokens
+        self.plen = plen
+        self.keys, self.values = [], []
+        for layer in prompt_cache.layers:
+            for src, out in ((layer.keys, self.keys), (layer.values, self.values)):
+                buf = src.new_empty(n, src.shape[1], total, src.shape[3])  # [N, Hkv, P+T, D]
+                buf.view(bsz, num_samples, *buf.shape[1:])[:, :, :, :plen] = src[:, None]
+                out.append(buf)
+        mask = prompt_mask.bool().repeat_interleave(num_samples, 0)  # [N, P]
+        self.mask = None if bool(mask.all()) else torch.cat(
+            [mask, mask.new_ones(n, max_new_tokens)], 1)[:, None, None, :]  # [N, 1, 1, P+T]
+        pos = _positions(prompt_mask).repeat_interleave(num_samples, 0)[:, -1:] + 1  # [N, 1] first decode position
+        pos = pos + torch.arange(max_new_tokens, device=pos.device)  # [N, T]
+        first = self.keys[0] if self.keys else prompt_mask.float()
+        self.cos, self.sin = lm.rotary_emb(first, position_ids=pos)  # [N, T, D]
+
+    def step(self, embeds: torch.Tensor, t: int) -> torch.Tensor:
+        """embeds [N, H] of the tokens fed at decode step t -> final-norm hidden states [N, H]."""
+        lm, col = self.lm, self.plen + t
+        cos, sin = self.cos[:, t:t + 1], self.sin[:, t:t + 1]  # [N, 1, D]
+        mask = None if self.mask is None else self.mask[..., :col + 1]
+        h = embeds.unsqueeze(1) * lm.embedding_multiplier  # [N, 1, H]
+        for i, layer in enumerate(lm.layers):
+            attn = self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, i, col)
+            h = h + attn * layer.residual_multiplier
+            h = h + layer.mlp(layer.post_attention_layernorm(h)) * layer.residual_multiplier
+        return lm.norm(h)[:, 0]
+
+    def _attention(self, attn, x, cos, sin, mask, i: int, col: int) -> torch.Tensor:
+        """GraniteAttention for one query [N, 1, H]; writes this token's key/value into column ``col``."""
+        n, d = x.shape[0], attn.head_dim
+        q = attn.q_proj(x).view(n, 1, -1, d).transpose(1, 2)  # [N, Hq, 1, D]
+        k = attn.k_proj(x).view(n, 1, -1, d).transpose(1, 2)  # [N, Hkv, 1, D]
+        v = attn.v_proj(x).view(n, 1, -1, d).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        self.keys[i][:, :, col:col + 1] = k
+        self.values[i][:, :, col:col + 1] = v
+        keys, values = self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1]  # [N, Hkv, L, D]
+        q = q.reshape(n, keys.shape[1], -1, d)  # [N, Hkv, Hq/Hkv, D]: one query, GQA without repeating keys
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, dropout_p=attn.attention_dropout if attn.training else 0.0,
+            scale=attn.scaling)
+        return attn.o_proj(out.reshape(n, -1, 1, d).transpose(1, 2).reshape(n, 1, -1))
+
+
 class HFGraniteSpeechPolicy:
     """See the module docstring. Build with ``HFGraniteSpeechPolicy.from_pretrained``."""
 
@@ -123,6 +196,7 @@ class HFGraniteSpeechPolicy:
             raise ValueError("tokenizer pad_token_id == eos_token_id: the model could never learn to stop; "
                              "give the tokenizer a distinct pad token")
         self.logits_scaling = float(self.config.text_config.logits_scaling)
+        self.lean_decode = True  # False: decode steps through GraniteModel.forward (the reference path)
         self.freeze_encoder = freeze_encoder
         self._has_adapter = bool(getattr(model, "_hf_peft_config_loaded", False))
         if lora is not None:
@@ -235,16 +309,23 @@ class HFGraniteSpeechPolicy:
         group = torch.arange(bsz, device=self.device).repeat_interleave(num_samples)  # [N]
         state: dict[str, Any] = {}
 
+        lean = self.lean_decode and _LeanDecoder.supports(self._lm)
+
         def prefill():
             with torch.no_grad():
                 embeds = self._prompt_embeds(ctx)  # [B, P, H]
                 mask = ctx.batch.attention_mask.long()
                 hidden, cache = self._hidden(embeds, mask, DynamicCache(config=self._lm.config))
+            last = self._lm_head(hidden[:, -1]).repeat_interleave(num_samples, 0)  # [N, V]
+            if lean:
+                return last, _LeanDecoder(self._lm, cache, mask, num_samples, max_new_tokens)
             cache.batch_repeat_interleave(num_samples)
             state["mask"] = mask.repeat_interleave(num_samples, 0)  # [N, P]
-            return self._lm_head(hidden[:, -1]).repeat_interleave(num_samples, 0), cache
+            return last, cache
 
         def step(tokens, cache, t):
+            if lean:
+                return self._lm_head(cache.step(self._lm.embed_tokens(tokens), t)), cache
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
             embeds = self._lm.embed_tokens(tokens).unsqueeze(1)  # [N, 1, H]
             hidden, cache = self._hidden(embeds, state["mask"], cache)
