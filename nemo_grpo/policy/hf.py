@@ -133,9 +133,7 @@ class _LeanDecoder:
 
     def __init__(self, lm, prompt_cache, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int):
         """prompt_cache: prefill DynamicCache over B rows; prompt_mask [B, P] 0/1."""
-        from transformers.models.granite.modeling_granite import apply_rotary_pos_emb
-
-        self.lm, self.rope = lm, apply_rotary_pos_emb
+        self.lm = lm
         bsz, plen = prompt_mask.shape
         n, total = bsz * num_samples, plen + max_new_tokens
         self.plen = plen
@@ -151,12 +149,16 @@ class _LeanDecoder:
         pos = _positions(prompt_mask).repeat_interleave(num_samples, 0)[:, -1:] + 1  # [N, 1] first decode position
         pos = pos + torch.arange(max_new_tokens, device=pos.device)  # [N, T]
         first = self.keys[0] if self.keys else prompt_mask.float()
-        self.cos, self.sin = lm.rotary_emb(first, position_ids=pos)  # [N, T, D]
+        cos, sin = lm.rotary_emb(first, position_ids=pos)  # [N, T, D]
+        # HF's rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2] bit for bit (negation is exact)
+        half = sin.shape[-1] // 2
+        self.cos = cos.unsqueeze(2)  # [N, T, 1, D]: broadcast over heads
+        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
 
     def step(self, embeds: torch.Tensor, t: int) -> torch.Tensor:
         """embeds [N, H] of the tokens fed at decode step t -> final-norm hidden states [N, H]."""
         lm, col = self.lm, self.plen + t
-        cos, sin = self.cos[:, t:t + 1], self.sin[:, t:t + 1]  # [N, 1, D]
+        cos, sin = self.cos[:, t], self.sin[:, t]  # [N, 1, D]
         mask = None if self.mask is None else self.mask[..., :col + 1]
         h = embeds.unsqueeze(1) * lm.embedding_multiplier  # [N, 1, H]
         for i, layer in enumerate(lm.layers):
@@ -165,21 +167,25 @@ class _LeanDecoder:
             h = h + layer.mlp(layer.post_attention_layernorm(h)) * layer.residual_multiplier
         return lm.norm(h)[:, 0]
 
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """HF's apply_rotary_pos_emb for x [N, heads, D] (sin with the rotate_half sign folded in)."""
+        n, heads, d = x.shape
+        return x * cos + x.view(n, heads, 2, d // 2).flip(2).view(n, heads, d) * sin
+
     def _attention(self, attn, x, cos, sin, mask, i: int, col: int) -> torch.Tensor:
-        """GraniteAttention for one query [N, 1, H]; writes this token's key/value into column ``col``."""
+        """GraniteAttention for one query [N, 1, H]; writes this token's key/value into column ``col``. With one
+        query position, [N, 1, heads, D] and [N, heads, 1, D] are the same memory: no transposes."""
         n, d = x.shape[0], attn.head_dim
-        q = attn.q_proj(x).view(n, 1, -1, d).transpose(1, 2)  # [N, Hq, 1, D]
-        k = attn.k_proj(x).view(n, 1, -1, d).transpose(1, 2)  # [N, Hkv, 1, D]
-        v = attn.v_proj(x).view(n, 1, -1, d).transpose(1, 2)
-        q, k = self.rope(q, k, cos, sin)
-        self.keys[i][:, :, col:col + 1] = k
-        self.values[i][:, :, col:col + 1] = v
+        q = self._rope(attn.q_proj(x).view(n, -1, d), cos, sin)  # [N, Hq, D]
+        self.keys[i][:, :, col] = self._rope(attn.k_proj(x).view(n, -1, d), cos, sin)  # [N, Hkv, D]
+        self.values[i][:, :, col] = attn.v_proj(x).view(n, -1, d)
         keys, values = self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1]  # [N, Hkv, L, D]
-        q = q.reshape(n, keys.shape[1], -1, d)  # [N, Hkv, Hq/Hkv, D]: one query, GQA without repeating keys
+        q = q.view(n, keys.shape[1], -1, d)  # [N, Hkv, Hq/Hkv, D]: sdpa's single-query GQA packing
         out = torch.nn.functional.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, dropout_p=attn.attention_dropout if attn.training else 0.0,
             scale=attn.scaling)
-        return attn.o_proj(out.reshape(n, -1, 1, d).transpose(1, 2).reshape(n, 1, -1))
+        return attn.o_proj(out.reshape(n, 1, -1))
 
 
 class HFGraniteSpeechPolicy:
