@@ -22,6 +22,7 @@ F feature frames, F' encoder frames, A audio tokens.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Iterable
@@ -114,6 +115,14 @@ def _ensure_distinct_pad(model, tokenizer) -> None:
                 tokenizer.pad_token_id)
 
 
+def _fast_call(module):
+    """``module`` as a callable; a hook-free plain ``nn.Linear`` becomes ``F.linear`` on its weights (what its forward
+    runs, minus nn.Module's call machinery). LoRA-wrapped or hooked modules keep their own call."""
+    if type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+        return functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)
+    return module
+
+
 class _LeanDecoder:
     """One-token decode steps over Granite's decoder layers, for ``HFGraniteSpeechPolicy.generate``.
 
@@ -126,11 +135,13 @@ class _LeanDecoder:
     @staticmethod
     def supports(lm) -> bool:
         """Plain Granite layers with a position-independent RoPE; anything else keeps the HF-model step."""
-        from transformers.models.granite.modeling_granite import GraniteDecoderLayer
+        from transformers.models.granite import modeling_granite as mg
 
         return (lm.rotary_emb.rope_type == "default" and not lm.config.attention_bias
-                and all(type(layer) is GraniteDecoderLayer for layer in lm.layers))
+                and all(type(layer) is mg.GraniteDecoderLayer and type(layer.self_attn) is mg.GraniteAttention
+                        and type(layer.mlp) is mg.GraniteMLP for layer in lm.layers))
 
+    @torch.inference_mode()
     def __init__(self, lm, prompt_cache, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int):
         """prompt_cache: prefill DynamicCache over B rows; prompt_mask [B, P] 0/1."""
         self.lm = lm
@@ -154,17 +165,23 @@ class _LeanDecoder:
         half = sin.shape[-1] // 2
         self.cos = cos.unsqueeze(2)  # [N, T, 1, D]: broadcast over heads
         self.sin = torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
+        self.fns = [{name: _fast_call(getattr(module, name)) for module, names in
+                     ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                      (layer.mlp, ("gate_proj", "up_proj", "down_proj"))) for name in names} for layer in lm.layers]
 
+    @torch.inference_mode()  # less per-op bookkeeping than no_grad; the buffers never meet autograd
     def step(self, embeds: torch.Tensor, t: int) -> torch.Tensor:
         """embeds [N, H] of the tokens fed at decode step t -> final-norm hidden states [N, H]."""
         lm, col = self.lm, self.plen + t
         cos, sin = self.cos[:, t], self.sin[:, t]  # [N, 1, D]
         mask = None if self.mask is None else self.mask[..., :col + 1]
         h = embeds.unsqueeze(1) * lm.embedding_multiplier  # [N, 1, H]
-        for i, layer in enumerate(lm.layers):
-            attn = self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, i, col)
+        for i, (layer, fn) in enumerate(zip(lm.layers, self.fns)):
+            attn = self._attention(layer.self_attn, fn, layer.input_layernorm(h), cos, sin, mask, i, col)
             h = h + attn * layer.residual_multiplier
-            h = h + layer.mlp(layer.post_attention_layernorm(h)) * layer.residual_multiplier
+            x = layer.post_attention_layernorm(h)
+            mlp = fn["down_proj"](layer.mlp.act_fn(fn["gate_proj"](x)) * fn["up_proj"](x))  # GraniteMLP.forward
+            h = h + mlp * layer.residual_multiplier
         return lm.norm(h)[:, 0]
 
     @staticmethod
@@ -173,19 +190,19 @@ class _LeanDecoder:
         n, heads, d = x.shape
         return x * cos + x.view(n, heads, 2, d // 2).flip(2).view(n, heads, d) * sin
 
-    def _attention(self, attn, x, cos, sin, mask, i: int, col: int) -> torch.Tensor:
+    def _attention(self, attn, fn, x, cos, sin, mask, i: int, col: int) -> torch.Tensor:
         """GraniteAttention for one query [N, 1, H]; writes this token's key/value into column ``col``. With one
         query position, [N, 1, heads, D] and [N, heads, 1, D] are the same memory: no transposes."""
         n, d = x.shape[0], attn.head_dim
-        q = self._rope(attn.q_proj(x).view(n, -1, d), cos, sin)  # [N, Hq, D]
-        self.keys[i][:, :, col] = self._rope(attn.k_proj(x).view(n, -1, d), cos, sin)  # [N, Hkv, D]
-        self.values[i][:, :, col] = attn.v_proj(x).view(n, -1, d)
+        q = self._rope(fn["q_proj"](x).view(n, -1, d), cos, sin)  # [N, Hq, D]
+        self.keys[i][:, :, col] = self._rope(fn["k_proj"](x).view(n, -1, d), cos, sin)  # [N, Hkv, D]
+        self.values[i][:, :, col] = fn["v_proj"](x).view(n, -1, d)
         keys, values = self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1]  # [N, Hkv, L, D]
         q = q.view(n, keys.shape[1], -1, d)  # [N, Hkv, Hq/Hkv, D]: sdpa's single-query GQA packing
         out = torch.nn.functional.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, dropout_p=attn.attention_dropout if attn.training else 0.0,
             scale=attn.scaling)
-        return attn.o_proj(out.reshape(n, 1, -1))
+        return fn["o_proj"](out.reshape(n, 1, -1))
 
 
 class HFGraniteSpeechPolicy:

@@ -48,6 +48,7 @@ def test_lean_decode_samples_exactly_what_the_hf_model_step_samples(tmp_path, lo
             what = f"{name} T={temperature} top_p={top_p}"
             assert torch.equal(lean.token_ids, ref.token_ids), what
             assert torch.equal(lean.mask, ref.mask), what
+            assert not (lean.logprobs.is_inference() or lean.token_ids.is_inference())  # usable in training
             assert (lean.logprobs - ref.logprobs).abs().max() < 1e-6, what
             with torch.no_grad():
                 scored, _ = policy.score(ctx, lean.token_ids, lean.group, temperature=temperature or 1.0)
