@@ -40,18 +40,19 @@ def ours_call(policy, batch, g: int, t: int, gen: torch.Generator) -> int:
     return int(ours_rollout(policy, batch, g, t, gen).completions.mask.sum())
 
 
-def probe_call(policy, batch, g: int, t: int, gen: torch.Generator) -> int:
-    with common.lean_decode_probe(policy):
+def hf_step_call(policy, batch, g: int, t: int, gen: torch.Generator) -> int:
+    with common.hf_model_decode(policy):
         return ours_call(policy, batch, g, t, gen)
 
 
 def check_probe(policy, batch, g: int, t: int) -> float:
-    """The probe samples the same tokens as the shipped path from the same seed; returns max |log-prob diff|."""
+    """The HF-model decode path samples the same tokens as the shipped lean step from the same seed; returns the
+    max |log-prob diff|."""
     a = ours_rollout(policy, batch, g, t, torch.Generator().manual_seed(0)).completions
-    with common.lean_decode_probe(policy):
+    with common.hf_model_decode(policy):
         b = ours_rollout(policy, batch, g, t, torch.Generator().manual_seed(0)).completions
     if not torch.equal(a.token_ids, b.token_ids):
-        raise RuntimeError("lean decode probe sampled different tokens than the shipped decode path")
+        raise RuntimeError("the HF-model decode path sampled different tokens than the shipped lean step")
     return float((a.logprobs - b.logprobs).abs().max())
 
 
@@ -94,7 +95,7 @@ def run_setting(policy, hf, batch, args, megatron=None) -> dict:
     if megatron is not None:
         calls.append(("ours_megatron", lambda: ours_call(megatron, batch, g, t, gen)))
     if args.probe:
-        calls.append(("ours_lean_probe", lambda: probe_call(policy, batch, g, t, gen)))
+        calls.append(("ours_hf_step", lambda: hf_step_call(policy, batch, g, t, gen)))
     times: dict[str, list[float]] = {name: [] for name, _ in calls}
     tps: dict[str, list[float]] = {name: [] for name, _ in calls}
     for i in range(args.warmup + args.repeats):
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-megatron", dest="megatron", action="store_false",
                     help="skip the extra row: our rollout on the megatron-core backend")
     ap.add_argument("--no-probe", dest="probe", action="store_false",
-                    help="skip the extra row: our rollout with the lean-decode probe (common.lean_decode_probe)")
+                    help="skip the extra row: our rollout with decode steps through GraniteModel.forward")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--model", default="tiny", choices=sorted(common.MODEL_PRESETS),
                     help="model size preset (common.MODEL_PRESETS)")
@@ -196,8 +197,8 @@ def markdown(rec: dict) -> list[str]:
               "encode once + one KV-cache batch over N rows; HF = generate(num_return_sequences=G), which expands "
               "the audio and the prompt to N rows.", "",
               "| setting | B x G x T | audio s (max) | prompt tokens | ours tok/s | HF tok/s | ours/HF | ours s/call "
-              "(min-max) | HF s/call (min-max) | verdict | ours, megatron backend: tok/s (vs HF) | probe: ours with "
-              "lean decode steps, tok/s (vs HF) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(min-max) | HF s/call (min-max) | verdict | ours, megatron backend: tok/s (vs HF) | ours with "
+              "HF-model decode steps (lean_decode=False): tok/s (vs HF) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rec["settings"].items():
         tp, s = st["tokens_per_s"], st["seconds_per_call"]
         def vs_hf(k: str) -> str:
@@ -206,17 +207,17 @@ def markdown(rec: dict) -> list[str]:
                      f"{tp['ours']['median']:.0f} | {tp['hf']['median']:.0f} | **{st['ratio_ours_over_hf']:.2f}x** | "
                      f"{s['ours']['median']:.3f} ({s['ours']['min']:.3f}-{s['ours']['max']:.3f}) | "
                      f"{s['hf']['median']:.3f} ({s['hf']['min']:.3f}-{s['hf']['max']:.3f}) | {st['verdict']} | "
-                     f"{vs_hf('ours_megatron')} | {vs_hf('ours_lean_probe')} |")
+                     f"{vs_hf('ours_megatron')} | {vs_hf('ours_hf_step')} |")
     lines += ["", "ours/HF (and the megatron / probe columns) = median over repeats of the paired speed-up (ours and "
               "HF called back to back in each repeat); ratio of the per-system medians: "
               + ", ".join(f"{k} {st['ratio_of_medians']:.2f}x" for k, st in rec["settings"].items()), "",
               f"Goal: {rec['goal']} — {rec['verdict']}", "",
-              "Probe (not shipped, `common.lean_decode_probe`): the same rollout with KV-cache decode steps calling "
-              "the Granite decoder layers directly instead of `GraniteModel.forward`; checked to sample identical "
-              "tokens (max |log-prob diff| "
+              "Last column: the same rollout with `policy.lean_decode = False` (decode steps through "
+              "`GraniteModel.forward`, the path before the lean step); checked to sample identical tokens (max "
+              "|log-prob diff| "
               + ", ".join(f"{st.get('probe_logprob_max_abs_diff', float('nan')):.1e}"
                           for st in rec["settings"].values())
-              + "). It measures how much of our rollout is HF's per-token wrapper overhead.", ""]
+              + "). It shows what the shipped lean decode step buys.", ""]
     for name, text in rec["profiles"].items():
         lines += [f"### Profile: {name}", ""] + common.code_block(text)
     return lines

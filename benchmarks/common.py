@@ -291,33 +291,18 @@ def fixed_length(policy: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lean_decode_probe(policy: Any) -> Iterator[None]:
-    """PROBE, not shipped: KV-cache decode steps of ``HFGraniteSpeechPolicy`` call the Granite decoder layers directly
-    instead of ``GraniteModel.forward`` (which rebuilds the causal mask, re-wraps outputs and re-reads config every
-    token). Same math: embedding multiplier, RoPE at the mask-derived positions, one query attending every real
-    cached key through a [N, 1, 1, L] bool mask, final norm. Prefill and scoring are untouched. Measures how much of
-    the rollout is per-token wrapper overhead (the benchmarks check the tokens are identical)."""
-    from nemo_grpo.policy.hf import _positions
-
-    lm, orig = policy._lm, policy._hidden
-
-    def hidden(embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
-        if cache is None or embeds.shape[1] != 1:
-            return orig(embeds, attention_mask, cache)
-        pos = _positions(attention_mask)[:, -1:]  # [N, 1]
-        h = embeds * lm.embedding_multiplier  # [N, 1, H]
-        rope = lm.rotary_emb(h, position_ids=pos)
-        mask = attention_mask[:, None, None, :].bool()  # [N, 1, 1, L]
-        for layer in lm.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                      position_embeddings=rope)
-        return lm.norm(h), cache
-
-    policy._hidden = hidden
+def hf_model_decode(policy: Any) -> Iterator[None]:
+    """Our rollout with its KV-cache decode steps through ``GraniteModel.forward`` (``policy.lean_decode = False``,
+    the HF-model reference path of ``HFGraniteSpeechPolicy``) instead of the shipped lean decode step: the
+    comparison row shows what the lean step buys (the benchmarks check both sample identical tokens)."""
+    if not hasattr(policy, "lean_decode"):
+        raise ValueError(f"{type(policy).__name__} has no lean_decode switch")
+    old = policy.lean_decode
+    policy.lean_decode = False
     try:
         yield
     finally:
-        del policy._hidden  # back to the class method
+        policy.lean_decode = old
 
 
 # ------------------------------------------------------------------------------------------ the GRPO step -------
