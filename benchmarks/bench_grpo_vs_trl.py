@@ -309,8 +309,8 @@ def markdown(rec: dict) -> list[str]:
     if "ratio_ours_audio_over_trl" in rec:
         lines += ["", f"ours WITH audio / TRL text-only = {rec['ratio_ours_audio_over_trl']:.3f} (same statistic)"]
     if "ratio_hf_step_over_trl" in rec:
-        lines += ["", f"ours with `lean_decode = False` (decode steps through GraniteModel.forward, the path before the "
-                  f"lean step) / TRL = {rec['ratio_hf_step_over_trl']:.3f}: what the shipped lean decode step buys"]
+        lines += ["", "ours with `lean_decode = False` (decode steps through GraniteModel.forward, the path before "
+                  f"the lean step) / TRL = {rec['ratio_hf_step_over_trl']:.3f}: what the shipped lean decode step buys"]
     lines += ["", "Where the time goes (seconds summed over all steps incl. warmup; TRL's methods nest: "
               "_generate_and_score_completions contains _generate, the reward and the reference forward; "
               "compute_loss is the loss forward, backward and optimizer are outside it):", ""]

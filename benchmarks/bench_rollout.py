@@ -198,7 +198,8 @@ def markdown(rec: dict) -> list[str]:
               "the audio and the prompt to N rows.", "",
               "| setting | B x G x T | audio s (max) | prompt tokens | ours tok/s | HF tok/s | ours/HF | ours s/call "
               "(min-max) | HF s/call (min-max) | verdict | ours, megatron backend: tok/s (vs HF) | ours with "
-              "HF-model decode steps (lean_decode=False): tok/s (vs HF) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "HF-model decode steps (lean_decode=False): tok/s (vs HF) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rec["settings"].items():
         tp, s = st["tokens_per_s"], st["seconds_per_call"]
         def vs_hf(k: str) -> str:
