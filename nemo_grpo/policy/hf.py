@@ -123,6 +123,13 @@ def _fast_call(module):
     return module
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``GraniteRMSNorm.forward``, op for op (bit-identical), without the module call."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(x.dtype)
+
+
 class _LeanDecoder:
     """One-token decode steps over Granite's decoder layers, for ``HFGraniteSpeechPolicy.generate``.
 
@@ -138,8 +145,10 @@ class _LeanDecoder:
         from transformers.models.granite import modeling_granite as mg
 
         return (lm.rotary_emb.rope_type == "default" and not lm.config.attention_bias
+                and type(lm.norm) is mg.GraniteRMSNorm
                 and all(type(layer) is mg.GraniteDecoderLayer and type(layer.self_attn) is mg.GraniteAttention
-                        and type(layer.mlp) is mg.GraniteMLP for layer in lm.layers))
+                        and type(layer.mlp) is mg.GraniteMLP and type(layer.input_layernorm) is mg.GraniteRMSNorm
+                        and type(layer.post_attention_layernorm) is mg.GraniteRMSNorm for layer in lm.layers))
 
     @torch.inference_mode()
     def __init__(self, lm, prompt_cache, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int):
@@ -177,12 +186,12 @@ class _LeanDecoder:
         mask = None if self.mask is None else self.mask[..., :col + 1]
         h = embeds.unsqueeze(1) * lm.embedding_multiplier  # [N, 1, H]
         for i, (layer, fn) in enumerate(zip(lm.layers, self.fns)):
-            attn = self._attention(layer.self_attn, fn, layer.input_layernorm(h), cos, sin, mask, i, col)
+            attn = self._attention(layer.self_attn, fn, _rms_norm(layer.input_layernorm, h), cos, sin, mask, i, col)
             h = h + attn * layer.residual_multiplier
-            x = layer.post_attention_layernorm(h)
+            x = _rms_norm(layer.post_attention_layernorm, h)
             mlp = fn["down_proj"](layer.mlp.act_fn(fn["gate_proj"](x)) * fn["up_proj"](x))  # GraniteMLP.forward
             h = h + mlp * layer.residual_multiplier
-        return lm.norm(h)[:, 0]
+        return _rms_norm(lm.norm, h)[:, 0]
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
