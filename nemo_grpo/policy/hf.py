@@ -135,8 +135,10 @@ class _LeanDecoder:
 
     Built once per rollout from the B-row prefill ``DynamicCache``: per-layer keys/values [N, Hkv, P+T, D] (the prompt
     repeated G times, decode columns written in place), the bool attention mask [N, 1, 1, P+T] (True = attend; None
-    when no prompt is padded) and RoPE cos/sin [N, T, D] at the mask-derived positions (real prompt tokens + t).
-    The math is ``GraniteModel.forward`` + ``GraniteDecoderLayer``'s, op for op, with sdpa's single-query GQA packing.
+    when no prompt is padded) and RoPE cos/sin [N, T, 1, D] at the mask-derived positions (real prompt tokens + t).
+    The math is ``GraniteModel.forward`` + ``GraniteDecoderLayer``'s, op for op, with sdpa's single-query GQA packing
+    (fp32: bit-identical log-probs to ``lean_decode = False`` in the tests). Plain ``nn.Linear`` projections run as
+    ``F.linear``; LoRA-wrapped (peft) ones through their own module call, so the audio adapter applies exactly.
     """
 
     @staticmethod
