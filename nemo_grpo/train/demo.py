@@ -93,11 +93,12 @@ def evaluate_systems(cfg: Any, systems: dict[str, str], manifests: str, out_dir:
     return results
 
 
-def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: int = 800, grpo_steps: int = 100,
-             mp_grpo: bool = True, extra: dict[str, Any] | None = None, manifests: str | None = None
-             ) -> dict[str, Any]:
+def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 1500, sft_steps: int = 3000, grpo_steps: int = 300,
+             mp_grpo: bool = True, extra: dict[str, Any] | None = None, manifests: str | None = None,
+             tiny: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole demo (see the module docstring). ``extra``: overrides applied to every stage (tests shrink it);
-    ``manifests``: an already prepared toy manifest dir (skips synthesis)."""
+    ``manifests``: an already prepared toy manifest dir (skips synthesis); ``tiny``: ``make_tiny`` options
+    (e.g. ``{"logits_scaling": 1.0}``; default: its DEFAULTS)."""
     from nemo_grpo.policy.tiny import make_tiny
 
     t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: in
     os.makedirs(out_dir, exist_ok=True)
     manifests = manifests or prepare_toy(out_dir, seed, num_items)
     t_data = time.perf_counter() - t0
-    base = make_tiny(os.path.join(out_dir, "tiny_model"), seed=seed)
+    base = make_tiny(os.path.join(out_dir, "tiny_model"), seed=seed, **(tiny or {}))
     common = {"data.manifest_dir": manifests, "seed": seed, "trainer.test_at_end": False, **(extra or {})}
 
     sft = train_stage("tiny_sft", {**common, "model.path": base, "output_dir": os.path.join(out_dir, "sft"),
@@ -154,10 +155,10 @@ def run_demo(out_dir: str, *, seed: int = 0, num_items: int = 600, sft_steps: in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="working directory (corpus cache, runs, results)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-items", type=int, default=600, help="training utterances per toy task")
-    parser.add_argument("--sft-steps", type=int, default=800, help="SFT warm-up steps (batches of 8 prompts)")
-    parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO / MP-GRPO steps (8 prompts x G=8)")
-    parser.add_argument("--no-mp-grpo", action="store_true", help="skip the MP-GRPO row (saves ~1/4 of the time)")
+    parser.add_argument("--num-items", type=int, default=1500, help="training utterances per toy task")
+    parser.add_argument("--sft-steps", type=int, default=3000, help="SFT warm-up steps (batches of 8 prompts)")
+    parser.add_argument("--grpo-steps", type=int, default=300, help="GRPO / MP-GRPO steps (8 prompts x G=8)")
+    parser.add_argument("--no-mp-grpo", action="store_true", help="skip the MP-GRPO row (saves ~1.5 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)")
 
 
