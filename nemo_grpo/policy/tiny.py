@@ -5,7 +5,8 @@ What it writes (loads with ``GraniteSpeechForConditionalGeneration.from_pretrain
     Q-Former (hidden 64), Granite text model 2 layers x hidden 64 (4 heads / 2 kv heads), tied embeddings
     (~0.45 M parameters). Granite's multipliers are NON-trivial by default (logits_scaling 4, attention 1/8,
     embedding 6, residual 0.5) so every test exercises them, as the real 2b/8b checkpoints do (8/16, 1/64, 12, 0.22).
-  * a byte-level BPE tokenizer trained in well under a second on the embedded English + German corpus below, with
+  * a byte-level BPE tokenizer trained in well under a second on the embedded English + German corpus below and
+    the toy tasks' vocabulary (``nemo_grpo.data.toy``), with
     Granite's special tokens: ``<|end_of_text|>`` (eos, id 0 like Granite), ``<|start_of_role|>``, ``<|end_of_role|>``,
     ``<|audio|>`` (= ``audio_token_index``) and ``<|pad|>`` (pad, DISTINCT from eos so models learn to stop), plus
     a Granite-style chat template (no default system prompt).
