@@ -41,3 +41,21 @@ def toy_corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_corpora")
     make_toy_corpora(str(out), seed=0, num_qa=24, num_st=24)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def toy_manifests(toy_corpus_dir, tmp_path_factory):
+    """lhotse manifests of the session's toy corpora, written by the real prepare code (both corpora in one dir,
+    usable as ``data.manifest_dir`` with conf/data/toy.yaml). Read-only for tests."""
+    import json
+
+    from nemo_grpo.data.prepare_covost2 import prepare_covost2
+    from nemo_grpo.data.prepare_librisqa import prepare_librisqa
+
+    with open(os.path.join(toy_corpus_dir, "toy_corpora.json"), encoding="utf-8") as f:
+        idx = json.load(f)
+    out = str(tmp_path_factory.mktemp("toy_manifests"))
+    q, c = idx["librisqa"], idx["covost2"]
+    prepare_librisqa(q["train_json"], q["test_json"], q["librispeech_root"], out, seed=0, num_jobs=1)
+    prepare_covost2(c["covost_tsv"], c["validated_tsv"], c["clips_dir"], out, num_jobs=1)
+    return out

@@ -31,9 +31,9 @@ def overrides(model_dir: str, manifests: str, out_dir: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, megatron_toy_manifests, tmp_path_factory):
+def runs(tiny_model_dir, toy_manifests, tmp_path_factory):
     work = tmp_path_factory.mktemp("megatron_grpo")
-    ov = overrides(tiny_model_dir, megatron_toy_manifests, str(work / "runs"))
+    ov = overrides(tiny_model_dir, toy_manifests, str(work / "runs"))
     out = {}
     mp, grpo = "tiny_mp_grpo.yaml", "tiny_grpo.yaml"
     for nproc, specs in ((1, [f"mp_tp1:{mp}:megatron:1:0:lean", f"mp_hf:{mp}:hf:1:0:lean",

@@ -182,13 +182,13 @@ def close(a: float, b: float, rel: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def answering_model_dir(tiny_model_dir, scaleout_toy_manifests, tmp_path_factory):
+def answering_model_dir(tiny_model_dir, toy_manifests, tmp_path_factory):
     """The tiny model after a short SFT warm-up (the real tiny_sft recipe, HF backend, this process)."""
     from nemo_grpo.train.cmd import run_config
     from nemo_grpo.train.config import load_config
 
     out = str(tmp_path_factory.mktemp("scaleout_sft"))
-    ov = {"model.path": tiny_model_dir, "data.manifest_dir": scaleout_toy_manifests, "output_dir": out,
+    ov = {"model.path": tiny_model_dir, "data.manifest_dir": toy_manifests, "output_dir": out,
           "trainer.max_steps": SFT_STEPS, "optim.schedule": "constant", "optim.warmup_ratio": 0,
           "trainer.val_every": 0, "trainer.save_every": 0, "trainer.test_at_end": "false", "model.device": "cpu",
           "logging.tensorboard": "false", "logging.progress_bar": "false", "logging.plot": "false"}
@@ -197,14 +197,14 @@ def answering_model_dir(tiny_model_dir, scaleout_toy_manifests, tmp_path_factory
 
 
 @pytest.fixture(scope="module")
-def runs(answering_model_dir, scaleout_toy_manifests, tmp_path_factory):
+def runs(answering_model_dir, toy_manifests, tmp_path_factory):
     work = tmp_path_factory.mktemp("two_node")
     tiny_model_dir = answering_model_dir
     multi_dir, single_dir = str(work / "tp2_dp2_two_launches"), str(work / "single_process_hf")
-    multi_ov = overrides(tiny_model_dir, scaleout_toy_manifests, multi_dir, PROMPTS_PER_RANK)
+    multi_ov = overrides(tiny_model_dir, toy_manifests, multi_dir, PROMPTS_PER_RANK)
     multi_ov += ["model.backend=megatron", f"model.tensor_parallel_size={TP}", "model.sequence_parallel=false",
                  "model.backend_options={use_distributed_optimizer:true}"]
-    single_ov = overrides(tiny_model_dir, scaleout_toy_manifests, single_dir, PROMPTS_PER_RANK * DP)
+    single_ov = overrides(tiny_model_dir, toy_manifests, single_dir, PROMPTS_PER_RANK * DP)
     single_ov += ["model.backend=hf", "model.tensor_parallel_size=1"]
     port, rdzv_id = free_port(), f"scaleout-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()

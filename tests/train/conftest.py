@@ -1,4 +1,5 @@
-"""Shared fixtures for the training tests: the real tiny HF policy and real prompt batches built from waveforms."""
+"""Shared fixtures for the training tests: the real tiny HF policy and real prompt batches built from waveforms
+(the toy manifests come from tests/conftest.py)."""
 import pytest
 import torch
 
@@ -21,22 +22,6 @@ def make_batch(policy, n=3, seed=0):
                               [f"u{i}" for i in range(n)], policy.config)
 
 
-@pytest.fixture(scope="session")
-def toy_manifests(toy_corpus_dir, tmp_path_factory):
-    """lhotse manifests of the shared toy corpora (the real prepare code), for conf/data/toy.yaml."""
-    import json
-    import os
-
-    from nemo_grpo.data.prepare_covost2 import prepare_covost2
-    from nemo_grpo.data.prepare_librisqa import prepare_librisqa
-
-    with open(os.path.join(toy_corpus_dir, "toy_corpora.json")) as f:
-        idx = json.load(f)
-    out = str(tmp_path_factory.mktemp("toy_manifests"))
-    q, c = idx["librisqa"], idx["covost2"]
-    prepare_librisqa(q["train_json"], q["test_json"], q["librispeech_root"], out, seed=0, num_jobs=1)
-    prepare_covost2(c["covost_tsv"], c["validated_tsv"], c["clips_dir"], out, num_jobs=1)
-    return out
 
 
 def tiny_overrides(model_dir, manifests, out_dir, **extra):
