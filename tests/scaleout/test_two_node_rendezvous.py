@@ -20,8 +20,8 @@ the same global batch. What "same" needs, and how this test gets it:
   answer in every group gives non-zero advantages from step 1; the loss, DP reductions and optimizer path are
   the GRPO recipe's (``nemo_grpo.train.grpo``), plus the off-policy member.
 - a model that answers: greedy decoding of the random tiny model repeats a special token (empty texts, reward 0),
-  so the fixture first runs 120 SFT steps (the real ``tiny_sft`` recipe, ~6 s); its greedy answers then get
-  non-zero, prompt-dependent BLEU and stop at eos at different lengths.
+  so the fixture first runs 300 SFT steps (the real ``tiny_sft`` recipe, ~15 s); its greedy answers then get
+  non-zero, prompt-dependent chrF and stop at eos at different lengths.
 
 Compared per step (after DP averaging of rank-local scalars): ``train/loss`` (globally normalised, so the DP mean
 is the global loss), ``reward/mean`` (equal counts per rank), the counted tokens (DP mean x DP = the global count)
