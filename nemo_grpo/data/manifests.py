@@ -49,6 +49,16 @@ def up_to_date(out_dir: str, corpus: str, stamp: dict[str, Any]) -> dict[str, st
     return written
 
 
+def reuse_previous(out_dir: str, corpus: str, stamp: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """The result of an earlier identical ``prepare_<corpus>`` run (idempotence), or None when it must run."""
+    previous = None if force else up_to_date(out_dir, corpus, stamp)
+    if previous is None:
+        return None
+    log.info("%s manifests in %s are up to date", corpus, out_dir)
+    with open(os.path.join(out_dir, f"{corpus}_skipped.json"), encoding="utf-8") as f:
+        return {"cuts": previous, "skipped": json.load(f), "reused": True}
+
+
 def check_all(paths: Sequence[str], max_duration: float, decode: bool, num_jobs: int) -> list[AudioCheck]:
     """``check_audio`` over many files; threads because soundfile releases the GIL while decoding."""
     with ThreadPoolExecutor(max_workers=max(1, num_jobs)) as pool:

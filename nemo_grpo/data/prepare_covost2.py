@@ -8,7 +8,6 @@ Supervisions carry ``custom = {task: "ast", translation, transcript, source_lang
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -138,11 +137,9 @@ def prepare_covost2(
     params = dict(strict=strict, max_duration=max_duration, decode_audio=decode_audio,
                   clips_dir=os.path.abspath(clips_dir))
     stamp = mf.fingerprint([covost_tsv, validated_tsv], params)
-    previous = None if force else mf.up_to_date(out_dir, CORPUS, stamp)
-    if previous is not None:
-        log.info("%s manifests in %s are up to date", CORPUS, out_dir)
-        with open(os.path.join(out_dir, f"{CORPUS}_skipped.json"), encoding="utf-8") as f:
-            return {"cuts": previous, "skipped": json.load(f), "reused": True}
+    reused = mf.reuse_previous(out_dir, CORPUS, stamp, force)
+    if reused is not None:
+        return reused
 
     report = SkipReport(CORPUS, strict=strict)
     # bad rows of validated.tsv only matter when CoVoST uses them: collect them separately and never fail on them

@@ -172,11 +172,9 @@ def prepare_librisqa(
     params = dict(seed=seed, valid_fraction=valid_fraction, strict=strict, max_duration=max_duration,
                   decode_audio=decode_audio, root=os.path.abspath(librispeech_root))
     stamp = mf.fingerprint([train_json, test_json], params)
-    previous = None if force else mf.up_to_date(out_dir, CORPUS, stamp)
-    if previous is not None:
-        log.info("%s manifests in %s are up to date", CORPUS, out_dir)
-        with open(os.path.join(out_dir, f"{CORPUS}_skipped.json"), encoding="utf-8") as f:
-            return {"cuts": previous, "skipped": json.load(f), "reused": True}
+    reused = mf.reuse_previous(out_dir, CORPUS, stamp, force)
+    if reused is not None:
+        return reused
 
     report = SkipReport(CORPUS, strict=strict)
     parts = _part_dirs(librispeech_root)
