@@ -202,11 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="tiny", choices=sorted(common.MODEL_PRESETS),
                     help="model size preset (common.MODEL_PRESETS)")
     ap.add_argument("--tag", default="", help="suffix for the result file names (e.g. the --model preset)")
-    common.add_clock_argument(ap)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round (CI: proves it runs)")
-    ap.add_argument("--out", default=str(common.RESULTS_DIR))
-    args = ap.parse_args(argv)
-    common.set_clock(args.clock)
+    args = common.parse_run_args(ap, argv)
     if args.smoke:
         args.num_generations, args.completion_length, args.rounds, args.warmup, args.repeats = 2, 4, 1, 1, 1
     logging.basicConfig(level=logging.WARNING)

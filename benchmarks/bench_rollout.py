@@ -138,11 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="tiny", choices=sorted(common.MODEL_PRESETS),
                     help="model size preset (common.MODEL_PRESETS)")
     ap.add_argument("--tag", default="", help="suffix for the result file names (e.g. the --model preset)")
-    common.add_clock_argument(ap)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=str(common.RESULTS_DIR))
-    args = ap.parse_args(argv)
-    common.set_clock(args.clock)
+    args = common.parse_run_args(ap, argv)
     if args.smoke:
         args.prompts, args.num_generations, args.new_tokens, args.warmup, args.repeats = 1, 2, 4, 0, 1
         args.long_audio_seconds, args.megatron = 3.0, False  # the probe stays on: its token check is cheap

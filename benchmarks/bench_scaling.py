@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    common.add_clock_argument(ap)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=str(common.RESULTS_DIR))
-    args = ap.parse_args(argv)
-    common.set_clock(args.clock)
+    args = common.parse_run_args(ap, argv)
     if args.smoke:
         args.prompts, args.gs, args.ts, args.base_g, args.base_t = 1, [2, 3], [2, 4], 2, 4
         args.rounds, args.warmup, args.repeats = 1, 0, 1

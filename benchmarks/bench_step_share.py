@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-workers-run", dest="workers_run", action="store_false",
                     help="skip the extra run of the first reward with a prefetching loader worker")
     ap.add_argument("--profile", action="store_true")
-    common.add_clock_argument(ap)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=str(common.RESULTS_DIR))
-    args = ap.parse_args(argv)
-    common.set_clock(args.clock)
+    args = common.parse_run_args(ap, argv)
     if args.smoke:
         args.batch_size, args.num_generations, args.max_new_tokens = 2, 2, 4
         args.warmup, args.repeats, args.corpus_num, args.workers_run = 0, 1, 8, False

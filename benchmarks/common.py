@@ -119,6 +119,16 @@ def add_clock_argument(ap: Any) -> None:
                     help="cpu: this process's CPU seconds (robust to a shared machine's load); wall: wall clock")
 
 
+def parse_run_args(ap: Any, argv: Any) -> Any:
+    """Add the arguments every timing benchmark shares (--clock, --smoke, --out), parse, and set the clock."""
+    add_clock_argument(ap)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round (CI: proves it runs)")
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    args = ap.parse_args(argv)
+    set_clock(args.clock)
+    return args
+
+
 def clock_note(rec: dict[str, Any]) -> str:
     """The md line naming the clock; empty for a benchmark that has no ``--clock`` (it times on its own)."""
     if "clock" not in rec["args"]:

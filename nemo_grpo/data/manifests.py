@@ -49,6 +49,16 @@ def up_to_date(out_dir: str, corpus: str, stamp: dict[str, Any]) -> dict[str, st
     return written
 
 
+def require_inputs(files: dict[str, str], dirs: dict[str, str]) -> None:
+    """FileNotFoundError naming the argument when an input file or directory is missing (checked before any work)."""
+    for key, path in files.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: no such file: {path}")
+    for key, path in dirs.items():
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{key}: no such directory: {path}")
+
+
 def reuse_previous(out_dir: str, corpus: str, stamp: dict[str, Any], force: bool) -> dict[str, Any] | None:
     """The result of an earlier identical ``prepare_<corpus>`` run (idempotence), or None when it must run."""
     previous = None if force else up_to_date(out_dir, corpus, stamp)

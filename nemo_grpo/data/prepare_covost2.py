@@ -129,11 +129,7 @@ def prepare_covost2(
     """
     if max_duration <= 0:
         raise ValueError(f"max_duration must be > 0, got {max_duration}")
-    for key, path in (("covost_tsv", covost_tsv), ("validated_tsv", validated_tsv)):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}: no such file: {path}")
-    if not os.path.isdir(clips_dir):
-        raise FileNotFoundError(f"clips_dir: no such directory: {clips_dir}")
+    mf.require_inputs({"covost_tsv": covost_tsv, "validated_tsv": validated_tsv}, {"clips_dir": clips_dir})
     params = dict(strict=strict, max_duration=max_duration, decode_audio=decode_audio,
                   clips_dir=os.path.abspath(clips_dir))
     stamp = mf.fingerprint([covost_tsv, validated_tsv], params)

@@ -163,11 +163,7 @@ def prepare_librisqa(
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if max_duration <= 0:
         raise ValueError(f"max_duration must be > 0, got {max_duration}")
-    for key, path in (("train_json", train_json), ("test_json", test_json)):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}: no such file: {path}")
-    if not os.path.isdir(librispeech_root):
-        raise FileNotFoundError(f"librispeech_root: no such directory: {librispeech_root}")
+    mf.require_inputs({"train_json": train_json, "test_json": test_json}, {"librispeech_root": librispeech_root})
     splits = SPLITS if valid_fraction > 0 else ("train", "test")
     params = dict(seed=seed, valid_fraction=valid_fraction, strict=strict, max_duration=max_duration,
                   decode_audio=decode_audio, root=os.path.abspath(librispeech_root))
