@@ -186,7 +186,7 @@ def markdown(rec: dict) -> list[str]:
         lines.append(f"| {name} | {r['step_s']['median']:.3f} | {100 * r['reward']:.1f} | {100 * r['data']:.1f} | "
                      f"{100 * r['share']:.1f} | {100 * r['share_of_sums']:.1f} | {r['reward_s']['median']:.4f} | "
                      f"{r['completion_len_mean']:.1f} | {r['verdict']} |")
-    lines += ["", "Phase shares of the step (rollout / reward / advantages / reference / train):", ""]
+    lines += ["", "Phase shares of the step (rollout / reward incl. advantages / reference / train):", ""]
     for name, r in rec["results"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["phases_share"].items()))
     lines.append("")

@@ -4,11 +4,10 @@ GRPO step composed from the recipe's own functions.
 Every benchmark imports this module FIRST (``import common``): it pins one thread and offline mode before torch or
 transformers are imported, because on a 2-core shared box extra threads were 5-30x slower and a hub lookup stalls.
 
-The GRPO step (``grpo_step``) is the loop body of ``nemo_grpo.train.grpo.train_grpo`` minus its logging/checkpoint
-bookkeeping: ``rollout`` -> ``reward_fn`` -> ``advantages_and_mask`` -> ``reference_logprobs`` (beta > 0) ->
-``policy_update`` (score + ``grpo_loss`` + backward per micro-batch, then ``Policy.optimizer_step``). The recipe's
-functions are called as they are; ``StepSession`` supplies the few session attributes they read, borrowing
-``TrainSession``'s own ``autocast``/``optimizer_step`` methods.
+The GRPO step (``grpo_step``) is the recipe's own ``nemo_grpo.train.grpo.grpo_step`` (``rollout`` -> ``reward_fn``
+-> ``advantages_and_mask`` -> ``reference_logprobs`` (beta > 0) -> ``policy_update``: score + ``grpo_loss`` +
+backward per micro-batch, then ``Policy.optimizer_step``), called as it is; ``StepSession`` supplies the few session
+attributes it reads, borrowing ``TrainSession``'s own ``autocast``/``optimizer_step`` methods.
 
 Shape legend: B prompts, G samples per prompt, N = B*G, T completion tokens.
 """
@@ -331,8 +330,9 @@ def train_config(model_dir: str, **grpo: Any) -> Any:
 
 
 class StepSession:
-    """The attributes of ``TrainSession`` that the recipe's step functions read (cfg, policy, dp_size, autocast,
-    optimizer_step, generator), with ``TrainSession``'s own ``autocast`` and ``optimizer_step`` methods."""
+    """The attributes of ``TrainSession`` that the recipe's step reads (cfg, policy, dp_size, autocast, timer,
+    optimizer_step, generator), with ``TrainSession``'s own ``autocast`` and ``optimizer_step`` methods. The
+    benchmarks pass their own batches, so dynamic sampling (which draws more through ``next_batch``) is refused."""
 
     from nemo_grpo.train.session import TrainSession as _TS
 
@@ -348,6 +348,18 @@ class StepSession:
         policy.configure_optimizer(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                                    max_grad_norm=o.max_grad_norm)
         policy.train()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timer(self, name: str):
+        t0 = now()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + now() - t0
+
+    def next_batch(self) -> Any:
+        raise ValueError("benchmarks time fixed batches: grpo.dynamic_sampling is not supported here")
 
 
 def build_reference(s: StepSession) -> Any:
@@ -361,34 +373,14 @@ def build_reference(s: StepSession) -> Any:
 
 def grpo_step(s: StepSession, batch: Any, reward_fn: Any, ref: Any = None,
               phases: dict[str, float] | None = None) -> dict[str, float]:
-    """One GRPO step on ``batch`` (B prompts) = the body of ``train_grpo``'s loop without logging; adds each
-    phase's seconds into ``phases`` (rollout, reward, advantages, reference, train). Returns the step metrics."""
-    from nemo_grpo.rollout import rollout
-    from nemo_grpo.train.grpo import advantages_and_mask, loss_config, policy_update, reference_logprobs, reward_stats
+    """One GRPO step on ``batch`` (B prompts): the recipe's own ``nemo_grpo.train.grpo.grpo_step`` (what
+    ``train_grpo`` runs per step, minus logging/checkpoints); adds each phase's seconds (rollout, reward incl.
+    advantages, reference, train; this module's clock) into ``phases``. Returns the step metrics."""
+    from nemo_grpo.train.grpo import grpo_step as recipe_step, loss_config
 
-    cfg, g = s.cfg, s.cfg.grpo
-    ph = phases if phases is not None else {}
-
-    def tick(name: str, t0: float) -> float:
-        t1 = now()
-        ph[name] = ph.get(name, 0.0) + t1 - t0
-        return t1
-
-    t = now()
-    ro = rollout(s.policy, batch, num_samples=g.num_generations, mixed_policy=cfg.algorithm == "mp_grpo",
-                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, generator=s.generator)
-    comps = ro.completions
-    t = tick("rollout", t)
-    refs = [batch.references[i] for i in comps.group.tolist()]
-    rewards = reward_fn(comps.texts, refs)
-    t = tick("reward", t)
-    adv, mask, stats = advantages_and_mask(rewards.total, comps, cfg)
-    t = tick("advantages", t)
-    ref_logp = reference_logprobs(ref, batch, comps, cfg, s) if ref is not None else None
-    t = tick("reference", t)
-    metrics = policy_update(s, ro.ctx, comps, adv, mask, ref_logp, loss_config(cfg))
-    tick("train", t)
-    return {**ro.stats, **stats, **reward_stats(rewards, comps), **metrics}
+    s.phases = phases if phases is not None else {}
+    metrics, _ = recipe_step(s, batch, reward_fn, ref, loss_config(s.cfg))
+    return metrics
 
 
 def quiet() -> None:

@@ -96,6 +96,12 @@ class Completions:
     def __len__(self) -> int:
         return self.token_ids.shape[0]
 
+    def select(self, rows: torch.Tensor) -> "Completions":
+        """The completions at ``rows`` [K] (long indices), in that order; ``group`` values are kept."""
+        idx = rows.tolist()
+        return Completions(self.token_ids[rows], self.mask[rows], self.logprobs[rows], self.truncated[rows],
+                           self.group[rows], [self.texts[i] for i in idx], self.off_policy[rows])
+
 
 @runtime_checkable
 class Policy(Protocol):

@@ -53,7 +53,8 @@ class GRPOConfig:
     top_p: float = 1.0
     max_new_tokens: int = 200
     scale_rewards: bool = True  # divide by the group std (Eq. 1); False = Dr.GRPO
-    dynamic_sampling: bool = False  # drop zero-variance groups (DAPO); the batch shrinks, it is not refilled
+    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups, refill the batch from fresh prompts
+    dynamic_sampling_max_rounds: int = 4  # rollouts per step at most while refilling (then train on what there is)
     mask_truncated_completions: bool = False  # overlong masking: truncated completions get no loss
     off_policy_in_group_stats: bool = True  # mp_grpo: the reference's reward enters the group mean/std
     policy_shaping_gamma: float | None = None  # mp_grpo: f(p) = p / (p + gamma) on off-policy tokens (LUFFY)
@@ -229,6 +230,7 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     positive("grpo.num_iterations", g.num_iterations)
     positive("grpo.temperature", g.temperature)
     positive("grpo.max_new_tokens", g.max_new_tokens)
+    positive("grpo.dynamic_sampling_max_rounds", g.dynamic_sampling_max_rounds)
     if not 0 < g.top_p <= 1:
         raise ValueError(f"config key 'grpo.top_p' must be in (0, 1], got {g.top_p}")
     if not 0 < cfg.eval.top_p <= 1:

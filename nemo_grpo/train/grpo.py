@@ -1,9 +1,10 @@
 """The GRPO / MP-GRPO recipe, in the order of the paper's Section 3.
 
-Per step: a batch of B prompts -> rollout (G completions each; MP-GRPO: G-1 sampled + the reference as an
-off-policy member) -> rewards (BLEU by default, Section 3.3) -> group advantages (Eq. 1) -> mu policy updates with
-the clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference when beta > 0) over micro-batches
--> maybe validate / checkpoint.
+Per step (``grpo_step``): a batch of B prompts -> rollout (G completions each; MP-GRPO: G-1 sampled + the reference
+as an off-policy member) -> rewards (BLEU by default, Section 3.3) -> group advantages (Eq. 1) [-> DAPO dynamic
+sampling: drop zero-variance groups, refill from fresh prompts] -> log pi_ref (beta > 0) -> mu policy updates with the
+clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference) over micro-batches -> maybe validate /
+checkpoint (the session's ``end_step``).
 
 log pi_old: the log-probs recorded at sampling time (``Completions.logprobs``, temperature applied). With mu = 1
 and no dropout they equal the policy's own scoring pass before the update, so the first ratio is exactly 1. With
@@ -16,12 +17,14 @@ Shape legend: B prompts, G samples per prompt, N = B*G completions, T completion
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from nemo_grpo.algorithms import (LossConfig, grpo_loss, group_advantages, loss_normalizer, mask_truncated,
                                   microbatch_slices, nonzero_variance_groups, reduce_metrics)
+from nemo_grpo.policy.base import Completions, PromptBatch, PromptContext
 from nemo_grpo.rollout import rollout
 from nemo_grpo.train import runtime
 from nemo_grpo.train.config import TrainConfig
@@ -41,15 +44,70 @@ def train_grpo(cfg: TrainConfig) -> dict[str, Any]:
     run summary (best validation, test metrics, paths)."""
     from nemo_grpo.rewards import build_reward
 
-    g = cfg.grpo
-    s = TrainSession(cfg, opt_steps_per_step=g.num_iterations)
+    s = TrainSession(cfg, opt_steps_per_step=cfg.grpo.num_iterations)
     reward_fn = build_reward(cfg.reward)
     loss_cfg = loss_config(cfg)
     # The KL reference is the starting policy, frozen; built only when the KL term is on (beta > 0).
-    ref = runtime.build_policy(cfg.model, trainable=False, seed=cfg.seed) if g.beta > 0 else None
+    ref = runtime.build_policy(cfg.model, trainable=False, seed=cfg.seed) if cfg.grpo.beta > 0 else None
     s.policy.train()
     while s.step < cfg.trainer.max_steps:
-        batch = s.next_batch()
+        metrics, samples = grpo_step(s, s.next_batch(), reward_fn, ref, loss_cfg)
+        s.end_step(s.dp_mean(metrics), samples)
+    reward_fn.close()
+    return s.finish()
+
+
+@dataclass
+class Groups:
+    """Whole groups of ONE rollout that enter the loss. They share that rollout's prompt context (audio encoded
+    once); ``comps.group`` indexes the prompts of ``ctx``.
+
+    comps: N completions (all G members of each group); adv: [N] advantages (Eq. 1, computed over the full group);
+    mask: [N, T] bool, True = the token enters the loss; refs: N reference texts (for sample logs).
+    """
+
+    ctx: PromptContext
+    comps: Completions
+    adv: torch.Tensor
+    mask: torch.Tensor
+    refs: list[str]
+
+    def select(self, groups: torch.Tensor) -> "Groups":
+        """Only the completions of the given prompt indices [K] (rows keep their order and their ``group``)."""
+        rows = torch.isin(self.comps.group, groups.to(self.comps.group.device)).nonzero().flatten()
+        return Groups(self.ctx, self.comps.select(rows), self.adv[rows], self.mask[rows],
+                      [self.refs[i] for i in rows.tolist()])
+
+
+def grpo_step(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any, loss_cfg: LossConfig
+              ) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """One GRPO step on ``batch``: sample scored groups, score them under the reference, mu policy updates.
+
+    ``s`` is the recipe's session (``TrainSession``): cfg, policy, generator, dp_size, timer(name), autocast(),
+    next_batch() (dynamic sampling only), optimizer_step(). Returns (rank-local metrics, (hyp, ref) samples)."""
+    groups, metrics = sample_groups(s, batch, reward_fn)
+    with s.timer("reference"):
+        ref_logps = None if ref is None else [reference_logprobs(ref, gr, s) for gr in groups]
+    with s.timer("train"):
+        metrics.update(policy_update(s, groups, ref_logps, loss_cfg))
+    samples = [(gr.comps.texts[i], gr.refs[i]) for gr in groups for i in range(len(gr.comps))
+               if not gr.comps.off_policy[i]]
+    return metrics, samples
+
+
+def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any) -> tuple[list[Groups], dict[str, float]]:
+    """Rollout -> rewards -> advantages for ``batch``; returns the groups to train on and the step's metrics.
+
+    Dynamic sampling (DAPO, ``grpo.dynamic_sampling``): groups whose rewards are all equal carry no gradient (their
+    advantages are 0), so they are dropped and the batch is refilled with the informative groups of freshly drawn
+    prompts (``s.next_batch()``) until it again holds B groups, with at most ``grpo.dynamic_sampling_max_rounds``
+    rollouts per step. Still short after that, the step trains on the groups it found; if it found none, on the
+    last round with every token masked (no gradient, but every rank still runs the same collectives)."""
+    cfg, g = s.cfg, s.cfg.grpo
+    target, kept, rounds, chosen = len(batch), 0, [], []
+    while True:
+        if rounds:
+            batch = s.next_batch()
         with s.timer("rollout"), s.autocast():
             ro = rollout(s.policy, batch, num_samples=g.num_generations, mixed_policy=cfg.algorithm == "mp_grpo",
                          max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
@@ -58,24 +116,37 @@ def train_grpo(cfg: TrainConfig) -> dict[str, Any]:
         with s.timer("reward"):
             refs = [batch.references[i] for i in comps.group.tolist()]
             rewards = reward_fn(comps.texts, refs)
-        adv, mask, stats = advantages_and_mask(rewards.total, comps, cfg)
-        with s.timer("reference"):
-            ref_logp = reference_logprobs(ref, batch, comps, cfg, s) if ref is not None else None
-        with s.timer("train"):
-            train_metrics = policy_update(s, ro.ctx, comps, adv, mask, ref_logp, loss_cfg)
-        metrics = {**ro.stats, **stats, **reward_stats(rewards, comps), **train_metrics}
-        samples = [(comps.texts[i], refs[i]) for i in range(len(comps)) if not comps.off_policy[i]]
-        s.end_step(s.dp_mean(metrics), samples)
-    reward_fn.close()
-    return s.finish()
+            adv, mask, keep = advantages_and_mask(rewards.total, comps, cfg)
+        everything = Groups(ro.ctx, comps, adv, mask, refs)
+        rounds.append((ro, rewards, keep))
+        if not g.dynamic_sampling:
+            chosen.append(everything)
+            break
+        informative = keep.nonzero().flatten()[: target - kept]
+        if len(informative):
+            chosen.append(everything.select(informative))
+            kept += len(informative)
+        if kept >= target or len(rounds) >= g.dynamic_sampling_max_rounds:
+            break
+    if not chosen:
+        chosen.append(everything)
+    metrics = rollout_stats(rounds)
+    metrics.update(group_stats(chosen))
+    if g.dynamic_sampling:
+        metrics.update({"dynamic_sampling/rounds": float(len(rounds)), "dynamic_sampling/groups": float(kept),
+                        "dynamic_sampling/short_groups": float(target - kept)})
+        if kept < target:
+            log.warning("dynamic sampling: %d of %d groups carry signal after %d rollouts "
+                        "(grpo.dynamic_sampling_max_rounds); training on those", kept, target, len(rounds))
+    return chosen, metrics
 
 
-def advantages_and_mask(total: torch.Tensor, comps: Any, cfg: TrainConfig
-                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Rewards [N] -> advantages [N] (Eq. 1 per group) and the loss mask [N, T] (overlong / dynamic sampling).
+def advantages_and_mask(total: torch.Tensor, comps: Completions, cfg: TrainConfig
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewards [N] -> advantages [N] (Eq. 1 per group), the loss mask [N, T] and the informative groups keep [B].
 
-    Dynamic sampling (DAPO) drops zero-variance groups from the loss and from the token normaliser; the batch is
-    not refilled (documented deviation: a refill would make step cost data-dependent)."""
+    The mask drops truncated completions (overlong masking) and, under dynamic sampling, zero-variance groups (the
+    latter only matters when ``sample_groups`` finds no informative group at all)."""
     g = cfg.grpo
     rewards = total.view(-1, g.num_generations)  # [B, G]
     exclude = None
@@ -88,69 +159,85 @@ def advantages_and_mask(total: torch.Tensor, comps: Any, cfg: TrainConfig
         mask = mask_truncated(mask, comps.truncated)
     if g.dynamic_sampling:
         mask = mask & keep[comps.group][:, None]
-    gen = ~comps.off_policy
-    lengths = comps.mask.sum(dim=1).float()[gen]
-    stats = {
-        "groups/zero_variance_frac": 1.0 - keep.float().mean().item(),
-        "advantage/mean": adv.mean().item(), "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
-        "advantage/abs_mean": adv.abs().mean().item(),
-        "completion/len_mean": lengths.mean().item(), "completion/len_max": lengths.max().item(),
-        "completion/truncated_frac": comps.truncated[gen].float().mean().item(),
-        "completion/counted_tokens": float(mask.sum()),
-    }
-    return adv, mask, stats
+    return adv, mask, keep
 
 
-def reward_stats(rewards: Any, comps: Any) -> dict[str, float]:
-    """Mean/std of the total and of every reward component over the SAMPLED members (the reference's reward, 1 for
-    BLEU, would flatter the curve)."""
-    gen = ~comps.off_policy
-    out = {"reward/mean": rewards.total[gen].mean().item(), "reward/std": rewards.total[gen].std().item()}
-    for name, vals in rewards.components.items():
-        out[f"reward/{name}/mean"] = vals[gen].mean().item()
-        out[f"reward/{name}/std"] = vals[gen].std().item()
-    if comps.off_policy.any():
-        out["reward/off_policy_mean"] = rewards.total[comps.off_policy].mean().item()
+def rollout_stats(rounds: list[tuple[Any, Any, torch.Tensor]]) -> dict[str, float]:
+    """Rollout time/tokens summed over this step's rollouts; rewards over every SAMPLED member they produced (the
+    reference's reward in MP-GRPO, 1 for BLEU, would flatter the curve); the zero-variance group fraction."""
+    secs = sum(ro.stats["perf/rollout_s"] for ro, _, _ in rounds)
+    tokens = sum(ro.stats["rollout/gen_tokens"] for ro, _, _ in rounds)
+    gen = [~ro.completions.off_policy for ro, _, _ in rounds]
+    total = torch.cat([r.total[m] for (_, r, _), m in zip(rounds, gen)])
+    keep = torch.cat([k for _, _, k in rounds])
+    out = {"perf/rollout_s": secs, "rollout/gen_tokens": tokens, "perf/rollout_tokens_per_s": tokens / max(secs, 1e-9),
+           "groups/zero_variance_frac": 1.0 - keep.float().mean().item(),
+           "reward/mean": total.mean().item(), "reward/std": total.std().item()}
+    for name in rounds[0][1].components:
+        vals = torch.cat([r.components[name][m] for (_, r, _), m in zip(rounds, gen)])
+        out[f"reward/{name}/mean"] = vals.mean().item()
+        out[f"reward/{name}/std"] = vals.std().item()
+    off = [r.total[ro.completions.off_policy] for ro, r, _ in rounds]
+    if any(len(o) for o in off):
+        out["reward/off_policy_mean"] = torch.cat(off).mean().item()
     return out
 
 
+def group_stats(groups: list[Groups]) -> dict[str, float]:
+    """Advantage and completion-length statistics of what enters the loss."""
+    adv = torch.cat([gr.adv for gr in groups])
+    lengths = torch.cat([gr.comps.mask.sum(dim=1).float()[~gr.comps.off_policy] for gr in groups])
+    truncated = torch.cat([gr.comps.truncated[~gr.comps.off_policy] for gr in groups])
+    return {
+        "advantage/mean": adv.mean().item(), "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
+        "advantage/abs_mean": adv.abs().mean().item(),
+        "completion/len_mean": lengths.mean().item(), "completion/len_max": lengths.max().item(),
+        "completion/truncated_frac": truncated.float().mean().item(),
+        "completion/counted_tokens": float(sum(gr.mask.sum() for gr in groups)),
+    }
+
+
 @torch.no_grad()
-def reference_logprobs(ref: Any, batch: Any, comps: Any, cfg: TrainConfig, s: TrainSession) -> torch.Tensor:
-    """log pi_ref [N, T] of every completion under the frozen reference (same temperature as sampling)."""
+def reference_logprobs(ref: Any, groups: Groups, s: Any) -> torch.Tensor:
+    """log pi_ref [N, T] of the groups' completions under the frozen reference (same temperature as sampling)."""
+    cfg, comps = s.cfg, groups.comps
     with s.autocast():
-        ctx = ref.encode(batch)
+        ctx = ref.encode(groups.ctx.batch)
         parts = [ref.score(ctx, comps.token_ids[sl], comps.group[sl], temperature=cfg.grpo.temperature)[0].float()
                  for sl in microbatch_slices(len(comps), cfg.trainer.micro_batch_size)]
     return torch.cat(parts)
 
 
-def policy_update(s: TrainSession, ctx: Any, comps: Any, adv: torch.Tensor, mask: torch.Tensor,
-                  ref_logp: torch.Tensor | None, loss_cfg: LossConfig) -> dict[str, float]:
-    """mu optimizer steps on one rollout batch; each accumulates ``grpo_loss`` over micro-batches.
+def policy_update(s: Any, groups: list[Groups], ref_logps: list[torch.Tensor] | None, loss_cfg: LossConfig
+                  ) -> dict[str, float]:
+    """mu optimizer steps on one step's groups; each accumulates ``grpo_loss`` over micro-batches of every part.
 
-    The loss normaliser (token count for "dapo") is global: summed over the whole batch and all DP ranks, so
-    micro-batching and data parallelism give the gradient of one pass over the global batch. ``Policy.optimizer_step``
-    AVERAGES gradients over DP ranks (the DDP convention), hence the global count divided by the DP size."""
+    The loss normaliser (token count for "dapo") is global: summed over all parts and all DP ranks, so
+    micro-batching, refilled parts and data parallelism give the gradient of one pass over the global batch.
+    ``Policy.optimizer_step`` AVERAGES gradients over DP ranks (the DDP convention), hence the global count divided
+    by the DP size."""
     cfg = s.cfg
-    normalizer = runtime.dp_sum(loss_normalizer(mask, loss_cfg.loss_type), s.dp_size) / s.dp_size
-    slices = microbatch_slices(len(comps), cfg.trainer.micro_batch_size)
+    local = sum(loss_normalizer(gr.mask, loss_cfg.loss_type) for gr in groups)
+    normalizer = runtime.dp_sum(local, s.dp_size) / s.dp_size
     parts, opt = [], {}
     for _ in range(cfg.grpo.num_iterations):
-        for sl in slices:
-            with s.autocast():
-                logp, entropy = s.policy.score(ctx, comps.token_ids[sl], comps.group[sl],
-                                               temperature=cfg.grpo.temperature, return_entropy=True)
-            out = grpo_loss(logp.float(), comps.logprobs[sl], adv[sl], mask[sl], normalizer=normalizer,
-                            cfg=loss_cfg, ref_logp=None if ref_logp is None else ref_logp[sl],
-                            off_policy=comps.off_policy[sl], entropy=entropy)
-            out.loss.backward()
-            parts.append(out.metrics)
+        for k, gr in enumerate(groups):
+            comps = gr.comps
+            for sl in microbatch_slices(len(comps), cfg.trainer.micro_batch_size):
+                with s.autocast():
+                    logp, entropy = s.policy.score(gr.ctx, comps.token_ids[sl], comps.group[sl],
+                                                   temperature=cfg.grpo.temperature, return_entropy=True)
+                out = grpo_loss(logp.float(), comps.logprobs[sl], gr.adv[sl], gr.mask[sl], normalizer=normalizer,
+                                cfg=loss_cfg, ref_logp=None if ref_logps is None else ref_logps[k][sl],
+                                off_policy=comps.off_policy[sl], entropy=entropy)
+                out.loss.backward()
+                parts.append(out.metrics)
         opt = s.optimizer_step()
     m = reduce_metrics(parts)
     metrics = {f"loss/{k}": float(v) for k, v in m.items() if not k.endswith("num_sequences")}
     # the loss of one pass (parts hold mu passes over the same batch)
     metrics["train/loss"] = float(m["loss"]) / cfg.grpo.num_iterations
     metrics.pop("loss/loss", None)
-    if not comps.off_policy.any():
+    if not any(gr.comps.off_policy.any() for gr in groups):
         metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/off/")}
     return {**metrics, **opt}

@@ -40,7 +40,7 @@ def test_grpo_vs_trl_smoke(tmp_path):
     assert math.isclose(rec["ratio_ours_over_trl"], s["ours_text"]["median"] / s["trl"]["median"], rel_tol=1e-9)
     # both sides really run the same network: our scoring == GraniteForCausalLM's log-softmax
     assert rec["logprob_max_abs_diff_vs_GraniteForCausalLM"] < 1e-5
-    assert set(rec["phases_s_total"]["ours_text"]) == {"rollout", "reward", "advantages", "reference", "train"}
+    assert set(rec["phases_s_total"]["ours_text"]) == {"rollout", "reward", "reference", "train"}
 
 
 def test_rollout_smoke(tmp_path):
