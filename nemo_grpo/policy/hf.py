@@ -116,18 +116,62 @@ def _ensure_distinct_pad(model, tokenizer) -> None:
 
 
 def _fast_call(module):
-    """``module`` as a callable; a hook-free plain ``nn.Linear`` becomes ``F.linear`` on its weights (what its forward
-    runs, minus nn.Module's call machinery). LoRA-wrapped or hooked modules keep their own call."""
-    if type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks):
+    """``module`` as a callable; a hook-free plain ``nn.Linear`` / ``nn.Embedding`` becomes ``F.linear`` /
+    ``F.embedding`` on its weights (what its forward runs, minus nn.Module's call machinery). LoRA-wrapped or hooked
+    modules keep their own call."""
+    if _plain_linear(module):
         return functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)
+    if type(module) is torch.nn.Embedding and not (module._forward_hooks or module._forward_pre_hooks):
+        return functools.partial(torch.nn.functional.embedding, weight=module.weight, padding_idx=module.padding_idx,
+                                 max_norm=module.max_norm, norm_type=module.norm_type,
+                                 scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse)
     return module
 
 
+def _plain_linear(module) -> bool:
+    return type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fused_call(modules):
+    """One ``F.linear`` over the row-concatenated weights of plain bias-free ``nn.Linear`` modules that read the same
+    input (q/k/v; gate/up), or None when any of them is wrapped (LoRA) or hooked. Concatenating output rows changes
+    no output element's dot product (same inputs, same reduction), so the result equals the separate calls."""
+    if not all(_plain_linear(m) and m.bias is None for m in modules):
+        return None
+    weight = torch.cat([m.weight.detach() for m in modules])  # [sum out, in]: a copy, rebuilt every rollout
+    return functools.partial(torch.nn.functional.linear, weight=weight)
+
+
+class _Layer:
+    """What a decode step reads of one ``GraniteDecoderLayer``, as plain attributes (no nn.Module ``__getattr__``
+    per token): norm weights/eps, projections (fused when plain), multipliers, head layout."""
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.ln2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.residual = layer.residual_multiplier
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.dropout = attn.attention_dropout if attn.training else 0.0
+        self.q_size = attn.q_proj.out_features
+        self.kv_size = attn.k_proj.out_features
+        self.qkv = _fused_call([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.q, self.k, self.v = (_fast_call(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.o = _fast_call(attn.o_proj)
+        self.gate_up = _fused_call([mlp.gate_proj, mlp.up_proj])
+        self.gate, self.up = _fast_call(mlp.gate_proj), _fast_call(mlp.up_proj)
+        self.down, self.act = _fast_call(mlp.down_proj), mlp.act_fn
+
+
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """``GraniteRMSNorm.forward``, op for op (bit-identical), without the module call."""
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(x.dtype)
+    """``GraniteRMSNorm.forward`` for ``norm`` = (weight, eps): one fused op, bit-identical to HF's fp32 formula
+    (x * rsqrt(mean(x^2) + eps) * weight; checked in tests/policy/test_hf_lean_decode.py)."""
+    weight, eps = norm
+    if x.dtype == torch.float32:
+        return torch.rms_norm(x, weight.shape, weight, eps)
+    x32 = x.to(torch.float32)  # half precision: HF normalises in fp32 and casts back before the weight
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class _LeanDecoder:
@@ -138,7 +182,9 @@ class _LeanDecoder:
     when no prompt is padded) and RoPE cos/sin [N, T, 1, D] at the mask-derived positions (real prompt tokens + t).
     The math is ``GraniteModel.forward`` + ``GraniteDecoderLayer``'s, op for op, with sdpa's single-query GQA packing
     (fp32: bit-identical log-probs to ``lean_decode = False`` in the tests). Plain ``nn.Linear`` projections run as
-    ``F.linear``; LoRA-wrapped (peft) ones through their own module call, so the audio adapter applies exactly.
+    ``F.linear`` (q/k/v and gate/up as one call over concatenated weights); LoRA-wrapped (peft) ones through their
+    own module call, so the audio adapter applies exactly. Per token this is ~25 tensor ops per layer: on small
+    models the op count, not the FLOPs, sets the rollout speed.
     """
 
     @staticmethod
@@ -155,7 +201,6 @@ class _LeanDecoder:
     @torch.inference_mode()
     def __init__(self, lm, prompt_cache, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int):
         """prompt_cache: prefill DynamicCache over B rows; prompt_mask [B, P] 0/1."""
-        self.lm = lm
         bsz, plen = prompt_mask.shape
         n, total = bsz * num_samples, plen + max_new_tokens
         self.plen = plen
@@ -176,24 +221,27 @@ class _LeanDecoder:
         half = sin.shape[-1] // 2
         self.cos = cos.unsqueeze(2)  # [N, T, 1, D]: broadcast over heads
         self.sin = torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
-        self.fns = [{name: _fast_call(getattr(module, name)) for module, names in
-                     ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                      (layer.mlp, ("gate_proj", "up_proj", "down_proj"))) for name in names} for layer in lm.layers]
+        self.layers = [_Layer(layer) for layer in lm.layers]
+        self.embedding_multiplier = lm.embedding_multiplier
+        self.final_norm = (lm.norm.weight, lm.norm.variance_epsilon)
 
     @torch.inference_mode()  # less per-op bookkeeping than no_grad; the buffers never meet autograd
     def step(self, embeds: torch.Tensor, t: int) -> torch.Tensor:
         """embeds [N, H] of the tokens fed at decode step t -> final-norm hidden states [N, H]."""
-        lm, col = self.lm, self.plen + t
+        col = self.plen + t
         cos, sin = self.cos[:, t], self.sin[:, t]  # [N, 1, D]
         mask = None if self.mask is None else self.mask[..., :col + 1]
-        h = embeds.unsqueeze(1) * lm.embedding_multiplier  # [N, 1, H]
-        for i, (layer, fn) in enumerate(zip(lm.layers, self.fns)):
-            attn = self._attention(layer.self_attn, fn, _rms_norm(layer.input_layernorm, h), cos, sin, mask, i, col)
-            h = h + attn * layer.residual_multiplier
-            x = _rms_norm(layer.post_attention_layernorm, h)
-            mlp = fn["down_proj"](layer.mlp.act_fn(fn["gate_proj"](x)) * fn["up_proj"](x))  # GraniteMLP.forward
-            h = h + mlp * layer.residual_multiplier
-        return _rms_norm(lm.norm, h)[:, 0]
+        h = embeds.unsqueeze(1) * self.embedding_multiplier  # [N, 1, H]
+        for i, layer in enumerate(self.layers):
+            attn = self._attention(layer, _rms_norm(layer.ln1, h), cos, sin, mask, i, col)
+            h = h + attn * layer.residual
+            x = _rms_norm(layer.ln2, h)
+            if layer.gate_up is not None:
+                gate, up = layer.gate_up(x).chunk(2, -1)
+            else:
+                gate, up = layer.gate(x), layer.up(x)
+            h = h + layer.down(layer.act(gate) * up) * layer.residual  # GraniteMLP.forward
+        return _rms_norm(self.final_norm, h)[:, 0]
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -201,19 +249,25 @@ class _LeanDecoder:
         n, heads, d = x.shape
         return x * cos + x.view(n, heads, 2, d // 2).flip(2).view(n, heads, d) * sin
 
-    def _attention(self, attn, fn, x, cos, sin, mask, i: int, col: int) -> torch.Tensor:
+    def _attention(self, layer: _Layer, x, cos, sin, mask, i: int, col: int) -> torch.Tensor:
         """GraniteAttention for one query [N, 1, H]; writes this token's key/value into column ``col``. With one
         query position, [N, 1, heads, D] and [N, heads, 1, D] are the same memory: no transposes."""
-        n, d = x.shape[0], attn.head_dim
-        q = self._rope(fn["q_proj"](x).view(n, -1, d), cos, sin)  # [N, Hq, D]
-        self.keys[i][:, :, col] = self._rope(fn["k_proj"](x).view(n, -1, d), cos, sin)  # [N, Hkv, D]
-        self.values[i][:, :, col] = fn["v_proj"](x).view(n, -1, d)
+        n, d, nq = x.shape[0], layer.head_dim, layer.q_size
+        if layer.qkv is not None:  # q and k rotated in one go: RoPE is per head, q and k heads share cos/sin
+            qkv = layer.qkv(x)[:, 0]  # [N, (Hq + 2 Hkv) D]
+            qk = self._rope(qkv[:, :nq + layer.kv_size].view(n, -1, d), cos, sin)  # [N, Hq + Hkv, D]
+            q, k, v = qk[:, :nq // d], qk[:, nq // d:], qkv[:, nq + layer.kv_size:].view(n, -1, d)
+        else:
+            q = self._rope(layer.q(x).view(n, -1, d), cos, sin)  # [N, Hq, D]
+            k = self._rope(layer.k(x).view(n, -1, d), cos, sin)  # [N, Hkv, D]
+            v = layer.v(x).view(n, -1, d)
+        self.keys[i][:, :, col] = k
+        self.values[i][:, :, col] = v
         keys, values = self.keys[i][:, :, :col + 1], self.values[i][:, :, :col + 1]  # [N, Hkv, L, D]
-        q = q.view(n, keys.shape[1], -1, d)  # [N, Hkv, Hq/Hkv, D]: sdpa's single-query GQA packing
+        q = q.reshape(n, keys.shape[1], -1, d)  # [N, Hkv, Hq/Hkv, D]: sdpa's single-query GQA packing
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, dropout_p=attn.attention_dropout if attn.training else 0.0,
-            scale=attn.scaling)
-        return fn["o_proj"](out.reshape(n, 1, -1))
+            q, keys, values, attn_mask=mask, dropout_p=layer.dropout, scale=layer.scaling)
+        return layer.o(out.reshape(n, 1, -1))
 
 
 class HFGraniteSpeechPolicy:
@@ -344,6 +398,8 @@ class HFGraniteSpeechPolicy:
         state: dict[str, Any] = {}
 
         lean = self.lean_decode and _LeanDecoder.supports(self._lm)
+        lm_head = _fast_call(self._lm_head)
+        embed = _fast_call(self._lm.embed_tokens)
 
         def prefill():
             with torch.no_grad():
@@ -359,7 +415,7 @@ class HFGraniteSpeechPolicy:
 
         def step(tokens, cache, t):
             if lean:
-                return self._lm_head(cache.step(self._lm.embed_tokens(tokens), t)), cache
+                return lm_head(cache.step(embed(tokens), t)), cache
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
             embeds = self._lm.embed_tokens(tokens).unsqueeze(1)  # [N, 1, H]
             hidden, cache = self._hidden(embeds, state["mask"], cache)

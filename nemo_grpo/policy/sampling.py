@@ -41,12 +41,11 @@ def scale_logits(logits: torch.Tensor, logits_scaling: float, temperature: float
 def token_logprobs(scaled: torch.Tensor, token_ids: torch.Tensor, return_entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(scaled)[token] and optionally the entropy of softmax(scaled). scaled [..., V], ids [...]."""
-    logz = torch.logsumexp(scaled, dim=-1)  # [...]
-    picked = scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - logz
-    entropy = None
-    if return_entropy:
-        logp = scaled - logz.unsqueeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+    # one fused log_softmax kernel (forward and backward) instead of logsumexp's several; it is also what the
+    # sampler gathers from, so sampling-time and scoring log-probs come out of the same op
+    logp = torch.log_softmax(scaled, dim=-1)  # [..., V]
+    picked = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if return_entropy else None
     return picked, entropy
 
 
@@ -58,12 +57,24 @@ def top_p_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def _draw(scaled: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(scaled), restricted to the top-p nucleus. [N, V] -> [N]."""
-    probs = torch.softmax(scaled, dim=-1)
+def draw_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF: the first v with cdf[v] >= u * cdf[V-1]. probs [N, V] >= 0 (need not
+    sum to 1: a top-p-masked row is renormalised by its own total), uniform [N, 1] float64 in (0, 1] -> [N] long.
+
+    The CDF is accumulated in float64, so a token's chance is its probability to ~1e-16 (a float32 CDF would
+    round tokens below ~6e-8 of mass to nothing or to an ulp). u in (0, 1] makes the target lie in
+    (0, total]: a zero-probability token (cdf[v] == cdf[v-1]) can never be the first to reach it, and the
+    last token with mass always does, so the index is always valid."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # [N, V], non-decreasing
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:]).squeeze(-1)
+
+
+def _draw(logp: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row from exp(logp) [N, V] (log-softmaxed), restricted to the top-p nucleus -> [N]."""
+    probs = logp.exp()
     if top_p < 1.0:
         probs = probs.masked_fill(~top_p_keep(probs, top_p), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_inverse_cdf(probs, uniform)
 
 
 @dataclass
@@ -89,36 +100,63 @@ def sample_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    stop_check_every: int | None = None,
 ) -> SampleOutput:
     """Sample up to ``max_new_tokens`` per row; a row stops at its eos and emits pad afterwards.
 
     ``temperature == 0`` means greedy (log-probs then at temperature 1). The returned log-probs are those of the
     full temperature-scaled distribution (what ``Policy.score`` computes), even when top-p truncates the draw,
-    so they serve as log pi_old.
+    so they serve as log pi_old. Draws are inverse-CDF (``draw_inverse_cdf``) with one uniform per row and token
+    from ``generator``, all taken before the first step. ``stop_check_every``: steps between host-side "all rows
+    finished?" checks (default 1 on CPU, 8 elsewhere); the output is the same for any value.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if stop_check_every is not None and stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
     logits, cache = prefill()  # [N, V]
-    n = logits.shape[0]
-    finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    n, dev = logits.shape[0], logits.device
+    sampling = temperature != 0
+    # one draw of all uniforms per rollout (1 - rand: in (0, 1], see draw_inverse_cdf), not one call per token
+    uniforms = (1.0 - torch.rand(max_new_tokens, n, 1, generator=generator, dtype=torch.float64, device=dev)
+                ) if sampling else None  # [T, N, 1]
+    if stop_check_every is None:  # a host sync per token is cheap on CPU, a pipeline stall on an accelerator
+        stop_check_every = 1 if dev.type == "cpu" else 8
+    finished = torch.zeros(n, dtype=torch.bool, device=dev)
+    all_live = torch.ones(n, dtype=torch.bool, device=dev)
+    none_finished = True  # known on the host: no row has finished yet, so nothing needs masking this step
     tokens, masks, logps = [], [], []
     for t in range(max_new_tokens):
         scaled = scale_logits(logits, logits_scaling, temperature)  # [N, V]
-        tok = scaled.argmax(-1) if temperature == 0 else _draw(scaled, top_p, generator)
-        lp, _ = token_logprobs(scaled, tok)
-        tok = tok.masked_fill(finished, pad_token_id)
+        logp = torch.log_softmax(scaled, dim=-1)
+        tok = _draw(logp, top_p, uniforms[t]) if sampling else scaled.argmax(-1)
+        lp = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)  # what token_logprobs computes
+        if none_finished:
+            live, finished = all_live, tok == eos_token_id
+        else:
+            live = ~finished
+            tok, lp = tok.masked_fill(finished, pad_token_id), lp.masked_fill(finished, 0.0)
+            finished = finished | (tok == eos_token_id)
         tokens.append(tok)
-        masks.append(~finished)
-        logps.append(lp.masked_fill(finished, 0.0))
-        finished = finished | (tok == eos_token_id)
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        masks.append(live)
+        logps.append(lp)
+        if t == max_new_tokens - 1:
             break
+        none_finished = False
+        if (t + 1) % stop_check_every == 0:
+            done = int(finished.sum())  # the one host sync of a checked step
+            if done == n:
+                break
+            none_finished = done == 0
         logits, cache = step(tok, cache, t)
+    mask = torch.stack(masks, 1)  # [N, T]
+    # with sparse stop checks, steps after every row finished add all-pad columns: drop them
+    used = len(masks) if stop_check_every == 1 else int(mask.any(0).sum())
     return SampleOutput(
-        token_ids=torch.stack(tokens, 1),  # [N, T]
-        mask=torch.stack(masks, 1),
-        logprobs=torch.stack(logps, 1),
+        token_ids=torch.stack(tokens, 1)[:, :used],  # [N, T]
+        mask=mask[:, :used],
+        logprobs=torch.stack(logps, 1)[:, :used],
         truncated=~finished,
     )
