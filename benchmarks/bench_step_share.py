@@ -73,9 +73,17 @@ class RecordingReward:
     def __init__(self, fn):
         self.fn, self.last = fn, None
 
+    @property
+    def expensive(self) -> bool:
+        return self.fn.expensive
+
     def __call__(self, hyps, refs):
         self.last = (list(hyps), list(refs))
         return self.fn(hyps, refs)
+
+    def submit(self, hyps, refs):
+        self.last = (list(hyps), list(refs))
+        return self.fn.submit(hyps, refs)
 
     def close(self) -> None:
         self.fn.close()

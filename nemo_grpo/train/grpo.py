@@ -4,7 +4,8 @@ Per step (``grpo_step``): a batch of B prompts -> rollout (G completions each; M
 as an off-policy member) -> rewards (BLEU by default, Section 3.3) -> group advantages (Eq. 1) [-> DAPO dynamic
 sampling: drop zero-variance groups, refill from fresh prompts] -> log pi_ref (beta > 0) -> mu policy updates with the
 clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference) over micro-batches -> maybe validate /
-checkpoint (the session's ``end_step``).
+checkpoint (the session's ``end_step``). Expensive rewards (METEOR, BERTScore) run on the reward function's worker
+thread while the reference pass runs, so they stay off the critical path; the values are the same.
 
 log pi_old: the log-probs recorded at sampling time (``Completions.logprobs``, temperature applied). With mu = 1
 and no dropout they equal the policy's own scoring pass before the update, so the first ratio is exactly 1. With
@@ -63,7 +64,8 @@ class Groups:
     once); ``comps.group`` indexes the prompts of ``ctx``.
 
     comps: N completions (all G members of each group); adv: [N] advantages (Eq. 1, computed over the full group);
-    mask: [N, T] bool, True = the token enters the loss; refs: N reference texts (for sample logs).
+    mask: [N, T] bool, True = the token enters the loss; refs: N reference texts (for sample logs);
+    ref_logp: [N, T] log pi_ref (beta > 0), filled by ``sample_groups`` or ``grpo_step``.
     """
 
     ctx: PromptContext
@@ -71,12 +73,13 @@ class Groups:
     adv: torch.Tensor
     mask: torch.Tensor
     refs: list[str]
+    ref_logp: torch.Tensor | None = None
 
     def select(self, groups: torch.Tensor) -> "Groups":
         """Only the completions of the given prompt indices [K] (rows keep their order and their ``group``)."""
         rows = torch.isin(self.comps.group, groups.to(self.comps.group.device)).nonzero().flatten()
         return Groups(self.ctx, self.comps.select(rows), self.adv[rows], self.mask[rows],
-                      [self.refs[i] for i in rows.tolist()])
+                      [self.refs[i] for i in rows.tolist()], None if self.ref_logp is None else self.ref_logp[rows])
 
 
 def grpo_step(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any, loss_cfg: LossConfig
@@ -85,18 +88,25 @@ def grpo_step(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any, loss_cfg: Lo
 
     ``s`` is the recipe's session (``TrainSession``): cfg, policy, generator, dp_size, timer(name), autocast(),
     next_batch() (dynamic sampling only), optimizer_step(). Returns (rank-local metrics, (hyp, ref) samples)."""
-    groups, metrics = sample_groups(s, batch, reward_fn)
+    groups, metrics = sample_groups(s, batch, reward_fn, ref)
     with s.timer("reference"):
-        ref_logps = None if ref is None else [reference_logprobs(ref, gr, s) for gr in groups]
+        for gr in groups:
+            if ref is not None and gr.ref_logp is None:
+                gr.ref_logp = reference_logprobs(ref, gr.ctx, gr.comps, s)
     with s.timer("train"):
-        metrics.update(policy_update(s, groups, ref_logps, loss_cfg))
+        metrics.update(policy_update(s, groups, loss_cfg))
     samples = [(gr.comps.texts[i], gr.refs[i]) for gr in groups for i in range(len(gr.comps))
                if not gr.comps.off_policy[i]]
     return metrics, samples
 
 
-def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any) -> tuple[list[Groups], dict[str, float]]:
+def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any = None
+                  ) -> tuple[list[Groups], dict[str, float]]:
     """Rollout -> rewards -> advantages for ``batch``; returns the groups to train on and the step's metrics.
+
+    An expensive reward (``reward_fn.expensive``) is submitted to the reward worker and the reference log-probs
+    (``ref``, beta > 0) are computed meanwhile; otherwise, and under dynamic sampling (which needs the rewards to
+    know which groups to score), ``grpo_step`` computes them afterwards.
 
     Dynamic sampling (DAPO, ``grpo.dynamic_sampling``): groups whose rewards are all equal carry no gradient (their
     advantages are 0), so they are dropped and the batch is refilled with the informative groups of freshly drawn
@@ -113,11 +123,20 @@ def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any) -> tuple[list[Grou
                          max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                          generator=s.generator)
         comps = ro.completions
+        refs = [batch.references[i] for i in comps.group.tolist()]
+        ref_logp = None
+        if reward_fn.expensive and ref is not None and not g.dynamic_sampling:
+            pending = reward_fn.submit(comps.texts, refs)
+            with s.timer("reference"):
+                ref_logp = reference_logprobs(ref, ro.ctx, comps, s)
+            with s.timer("reward"):
+                rewards = pending.result()
+        else:
+            with s.timer("reward"):
+                rewards = reward_fn(comps.texts, refs)
         with s.timer("reward"):
-            refs = [batch.references[i] for i in comps.group.tolist()]
-            rewards = reward_fn(comps.texts, refs)
             adv, mask, keep = advantages_and_mask(rewards.total, comps, cfg)
-        everything = Groups(ro.ctx, comps, adv, mask, refs)
+        everything = Groups(ro.ctx, comps, adv, mask, refs, ref_logp)
         rounds.append((ro, rewards, keep))
         if not g.dynamic_sampling:
             chosen.append(everything)
@@ -198,18 +217,17 @@ def group_stats(groups: list[Groups]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reference_logprobs(ref: Any, groups: Groups, s: Any) -> torch.Tensor:
-    """log pi_ref [N, T] of the groups' completions under the frozen reference (same temperature as sampling)."""
-    cfg, comps = s.cfg, groups.comps
+def reference_logprobs(ref: Any, ctx: PromptContext, comps: Completions, s: Any) -> torch.Tensor:
+    """log pi_ref [N, T] of ``comps`` (prompts of ``ctx``) under the frozen reference (sampling temperature)."""
+    cfg = s.cfg
     with s.autocast():
-        ctx = ref.encode(groups.ctx.batch)
+        ctx = ref.encode(ctx.batch)
         parts = [ref.score(ctx, comps.token_ids[sl], comps.group[sl], temperature=cfg.grpo.temperature)[0].float()
                  for sl in microbatch_slices(len(comps), cfg.trainer.micro_batch_size)]
     return torch.cat(parts)
 
 
-def policy_update(s: Any, groups: list[Groups], ref_logps: list[torch.Tensor] | None, loss_cfg: LossConfig
-                  ) -> dict[str, float]:
+def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[str, float]:
     """mu optimizer steps on one step's groups; each accumulates ``grpo_loss`` over micro-batches of every part.
 
     The loss normaliser (token count for "dapo") is global: summed over all parts and all DP ranks, so
@@ -221,14 +239,14 @@ def policy_update(s: Any, groups: list[Groups], ref_logps: list[torch.Tensor] | 
     normalizer = runtime.dp_sum(local, s.dp_size) / s.dp_size
     parts, opt = [], {}
     for _ in range(cfg.grpo.num_iterations):
-        for k, gr in enumerate(groups):
+        for gr in groups:
             comps = gr.comps
             for sl in microbatch_slices(len(comps), cfg.trainer.micro_batch_size):
                 with s.autocast():
                     logp, entropy = s.policy.score(gr.ctx, comps.token_ids[sl], comps.group[sl],
                                                    temperature=cfg.grpo.temperature, return_entropy=True)
                 out = grpo_loss(logp.float(), comps.logprobs[sl], gr.adv[sl], gr.mask[sl], normalizer=normalizer,
-                                cfg=loss_cfg, ref_logp=None if ref_logps is None else ref_logps[k][sl],
+                                cfg=loss_cfg, ref_logp=None if gr.ref_logp is None else gr.ref_logp[sl],
                                 off_policy=comps.off_policy[sl], entropy=entropy)
                 out.loss.backward()
                 parts.append(out.metrics)

@@ -1,5 +1,6 @@
-"""DAPO dynamic sampling in the GRPO step (``nemo_grpo.train.grpo``): zero-variance groups are dropped and the
-batch is refilled from freshly drawn prompts, on the real tiny policy with a real chrF reward.
+"""The GRPO step (``nemo_grpo.train.grpo.grpo_step``) on the real tiny policy with real rewards: DAPO dynamic
+sampling (zero-variance groups dropped, the batch refilled from freshly drawn prompts) and the expensive-reward
+overlap with the reference pass.
 
 Which groups carry signal is controlled through the references: against "§" (a character the tiny tokenizer
 cannot emit) every completion scores chrF 0, so the group has zero variance; against a long English sentence the
@@ -98,7 +99,7 @@ def test_refill_loss_equals_closed_form_over_kept_groups(policy, tiny_model_dir)
     lens = torch.cat([gr.mask.sum(1).float() for gr in groups])
     adv = torch.cat([gr.adv for gr in groups])
     expected = -(adv * lens).sum() / lens.sum()
-    out = recipe.policy_update(s, groups, None, loss_config(cfg))
+    out = recipe.policy_update(s, groups, loss_config(cfg))
     assert out["train/loss"] == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -149,3 +150,36 @@ def test_tiny_recipe_with_dynamic_sampling_runs_and_logs_refills(tiny_model_dir,
         assert 1 <= r["dynamic_sampling/rounds"] <= 2
         # B groups per step: the first batch's size (<= data.train.batch_size; bucketing may cap it)
         assert 1 <= r["dynamic_sampling/groups"] + r["dynamic_sampling/short_groups"] <= 4
+
+
+def test_expensive_reward_overlaps_reference_pass_with_identical_result(tiny_model_dir):
+    """METEOR is an expensive reward: it runs on the reward worker thread while the reference pass runs. Same
+    policy, batch and seed through the sequential path (the same reward declared cheap) give identical metrics and
+    identical updated weights."""
+    from nemo_grpo.rewards.combine import RewardFunction
+    from nemo_grpo.train import runtime
+
+    class Sequential(RewardFunction):
+        expensive = False
+
+    cfg = _cfg(tiny_model_dir, beta=0.02)
+    results = []
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        policy = HFGraniteSpeechPolicy.from_pretrained(tiny_model_dir)
+        ref = runtime.build_policy(cfg.model, trainable=False, seed=cfg.seed)
+        rf = build_reward([{"name": "meteor"}])
+        if not overlap:
+            rf = Sequential(rf.components)
+        assert rf.expensive is overlap
+        s = StepHarness(cfg, policy, [])
+        metrics, _ = grpo_step(s, _batch(policy, [LIVE, LIVE], "a"), rf, ref, loss_config(cfg))
+        assert (rf._pool is not None) is overlap  # the worker thread was used only when overlapping
+        rf.close()
+        results.append((metrics, _params(policy)))
+    (m1, p1), (m2, p2) = results
+    keys = [k for k in m1 if not k.startswith("perf/")]
+    assert keys and sorted(keys) == sorted(k for k in m2 if not k.startswith("perf/"))
+    assert "loss/on/kl" in m1 and m1["reward/meteor/mean"] > 0
+    assert all(m1[k] == m2[k] for k in keys), {k: (m1[k], m2[k]) for k in keys if m1[k] != m2[k]}
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
