@@ -160,7 +160,11 @@ class _Layer:
         self.o = _fast_call(attn.o_proj)
         self.gate_up = _fused_call([mlp.gate_proj, mlp.up_proj])
         self.gate, self.up = _fast_call(mlp.gate_proj), _fast_call(mlp.up_proj)
-        self.down, self.act = _fast_call(mlp.down_proj), mlp.act_fn
+        self.down = _fast_call(mlp.down_proj)
+        from transformers.activations import SiLUActivation
+
+        silu = type(mlp.act_fn) in (SiLUActivation, torch.nn.SiLU) and not mlp.act_fn._forward_hooks
+        self.act = torch.nn.functional.silu if silu else mlp.act_fn  # Granite's "silu", minus the module call
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -434,6 +438,13 @@ class HFGraniteSpeechPolicy:
               return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log pi(token_ids[n, t] | prompt group[n], token_ids[n, :t]) [N, T] (+ entropy [N, T]); differentiable
         when grad is enabled. Values past each completion's eos are computed but meaningless (mask them)."""
+        if not torch.is_grad_enabled():  # e.g. the reference pass: inference mode skips autograd's per-op
+            with torch.inference_mode():  # bookkeeping; the clones are ordinary tensors for later autograd use
+                logp, entropy = self._score(ctx, token_ids, group, temperature, return_entropy)
+            return logp.clone(), None if entropy is None else entropy.clone()
+        return self._score(ctx, token_ids, group, temperature, return_entropy)
+
+    def _score(self, ctx, token_ids, group, temperature, return_entropy):
         self._adapters()
         token_ids, group = token_ids.to(self.device), group.to(self.device)
         prompt = self._prompt_embeds(ctx)[group]  # [N, P, H]

@@ -40,12 +40,16 @@ def scale_logits(logits: torch.Tensor, logits_scaling: float, temperature: float
 
 def token_logprobs(scaled: torch.Tensor, token_ids: torch.Tensor, return_entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(scaled)[token] and optionally the entropy of softmax(scaled). scaled [..., V], ids [...]."""
+    """log softmax(scaled)[token] and optionally the entropy of softmax(scaled) (not differentiable).
+    scaled [..., V], ids [...] -> [...], [...]."""
     # one fused log_softmax kernel (forward and backward) instead of logsumexp's several; it is also what the
     # sampler gathers from, so sampling-time and scoring log-probs come out of the same op
     logp = torch.log_softmax(scaled, dim=-1)  # [..., V]
     picked = logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1) if return_entropy else None
+    entropy = None
+    if return_entropy:  # a metric (no loss uses it): kept out of the autograd graph, saving its [..., V] buffers
+        logp_d = logp.detach()
+        entropy = -(logp_d.exp() * logp_d).sum(-1)
     return picked, entropy
 
 
