@@ -111,8 +111,8 @@ def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any = None
     Dynamic sampling (DAPO, ``grpo.dynamic_sampling``): groups whose rewards are all equal carry no gradient (their
     advantages are 0), so they are dropped and the batch is refilled with the informative groups of freshly drawn
     prompts (``s.next_batch()``) until it again holds B groups, with at most ``grpo.dynamic_sampling_max_rounds``
-    rollouts per step. Still short after that, the step trains on the groups it found; if it found none, on the
-    last round with every token masked (no gradient, but every rank still runs the same collectives)."""
+    rollouts per step. Still short after that, the step trains on the groups it found; if it found none, it returns
+    the last round with every token masked (``policy_update`` then skips the update)."""
     cfg, g = s.cfg, s.cfg.grpo
     target, kept, rounds, chosen = len(batch), 0, [], []
     while True:
@@ -233,10 +233,17 @@ def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[st
     The loss normaliser (token count for "dapo") is global: summed over all parts and all DP ranks, so
     micro-batching, refilled parts and data parallelism give the gradient of one pass over the global batch.
     ``Policy.optimizer_step`` AVERAGES gradients over DP ranks (the DDP convention), hence the global count divided
-    by the DP size."""
+    by the DP size.
+
+    No counted token anywhere (every group masked out by dynamic sampling or overlong masking): no update at all,
+    since an AdamW step on zero gradients would still move the weights by momentum. The normaliser is global, so
+    every rank skips together; the lr schedule does not advance."""
     cfg = s.cfg
-    local = sum(loss_normalizer(gr.mask, loss_cfg.loss_type) for gr in groups)
-    normalizer = runtime.dp_sum(local, s.dp_size) / s.dp_size
+    local = torch.stack([sum(loss_normalizer(gr.mask, loss_cfg.loss_type) for gr in groups),
+                         sum(gr.mask.sum().float() for gr in groups)])
+    normalizer, counted = runtime.dp_sum(local, s.dp_size) / s.dp_size  # one all-reduce for both
+    if float(counted) == 0:
+        return {"train/loss": 0.0, "train/grad_norm": 0.0, "train/skipped_update": 1.0}
     parts, opt = [], {}
     for _ in range(cfg.grpo.num_iterations):
         for gr in groups:

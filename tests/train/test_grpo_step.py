@@ -103,17 +103,21 @@ def test_refill_loss_equals_closed_form_over_kept_groups(policy, tiny_model_dir)
     assert out["train/loss"] == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_no_informative_group_trains_on_nothing_after_max_rounds(policy, tiny_model_dir):
+def test_no_informative_group_skips_the_update_after_max_rounds(policy, tiny_model_dir):
+    """A first step trains (AdamW moments become non-zero); the second finds no informative group in 3 rollouts
+    and must leave the weights exactly as they are (a zero-gradient AdamW step would still move them)."""
     cfg = _cfg(tiny_model_dir, dynamic_sampling=True, dynamic_sampling_max_rounds=3)
     dead = [_batch(policy, [DEAD, DEAD], "b" * k) for k in range(1, 4)]
     s = StepHarness(cfg, policy, dead)
+    reward = build_reward([{"name": "chrf"}])
+    first, _ = grpo_step(s, _batch(policy, [LIVE, LIVE], "a"), reward, None, loss_config(cfg))
+    assert s.drawn == 0 and first["train/grad_norm"] > 0 and s.opt_step == 1
     before = _params(policy)
-    metrics, _ = grpo_step(s, _batch(policy, [DEAD, DEAD], "a"), build_reward([{"name": "chrf"}]), None,
-                           loss_config(cfg))
+    metrics, _ = grpo_step(s, dead[0], reward, None, loss_config(cfg))
     assert s.drawn == 2 and metrics["dynamic_sampling/rounds"] == 3 and metrics["dynamic_sampling/short_groups"] == 2
-    assert metrics["completion/counted_tokens"] == 0 and metrics["train/loss"] == 0
-    assert metrics["train/grad_norm"] == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, _params(policy)))  # AdamW from zero moments: no move
+    assert metrics["completion/counted_tokens"] == 0 and metrics["train/skipped_update"] == 1
+    assert metrics["train/loss"] == 0 and metrics["train/grad_norm"] == 0 and s.opt_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(policy)))
 
 
 def test_without_dynamic_sampling_the_batch_is_used_as_drawn(policy, tiny_model_dir):
