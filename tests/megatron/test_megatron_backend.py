@@ -98,7 +98,7 @@ def _granite_cfg(**kw):
 def test_fp8_requires_transformer_engine():
     from nemo_grpo.policy.megatron import model as mm
 
-    with pytest.raises(ValueError, match="model.fp8"):
+    with pytest.raises(ValueError, match=r"config key 'model\.backend_options\.fp8'='hybrid' needs Transformer Engine"):
         mm.transformer_config(_granite_cfg(), fp8="hybrid", use_te=False)
 
 

@@ -15,7 +15,7 @@ Mapping (HF ``GraniteForCausalLM`` -> megatron-core), each one checked against H
                                                           ``linear_qkv`` grouped per query group)
 
 Layer spec: megatron's local spec when Transformer Engine is not importable, the TE spec when
-``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.fp8``) requires TE.
+``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.backend_options.fp8``) requires TE.
 Tensors inside megatron are sequence-first: [S, B, H]; the helpers here take/return batch-first [B, S, ...].
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def transformer_config(
 ):
     """megatron ``TransformerConfig`` for a HF ``GraniteConfig`` (``text_config`` of Granite Speech).
 
-    Raises ValueError naming ``model.fp8`` when FP8 is asked for without Transformer Engine, and naming the HF
+    Raises ValueError naming ``model.backend_options.fp8`` when FP8 is asked for without Transformer Engine, and naming the HF
     config field for Granite features this mapping does not cover.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -116,8 +116,8 @@ def transformer_config(
     use_te = have_te() if use_te is None else use_te
     if fp8 and not use_te:
         raise ValueError(
-            f"model.fp8={fp8!r} needs Transformer Engine (megatron-core's TE layer spec); it is not importable here. "
-            "Use an NGC PyTorch container or set model.fp8: null"
+            f"config key 'model.backend_options.fp8'={fp8!r} needs Transformer Engine (megatron-core's TE layer "
+            "spec); it is not importable here. Use an NGC PyTorch container or set model.backend_options.fp8: null"
         )
     rope = getattr(text_cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
