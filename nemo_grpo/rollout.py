@@ -43,13 +43,14 @@ def pad_right(x: torch.Tensor, length: int, value: float | int | bool) -> torch.
 
 
 def append_off_policy(gen: Completions, ref_ids: torch.Tensor, ref_mask: torch.Tensor, references: list[str],
-                      pad_token_id: int) -> Completions:
+                      pad_token_id: int, ref_truncated: torch.Tensor | None = None) -> Completions:
     """Append one off-policy member per group after the group's sampled members (prompt-major order kept).
 
     gen:      B*(G-1) sampled completions (prompt-major, ``gen.group`` sorted).
-    ref_ids:  [B, T_r] tokenized references (eos included), ``ref_mask`` [B, T_r] bool.
+    ref_ids:  [B, T_r] tokenized references (eos included unless cut), ``ref_mask`` [B, T_r] bool;
+    references: the B texts the members stand for (rewarded as such); ref_truncated: [B] bool (default all False).
     Returns B*G completions: for prompt b, rows b*G .. b*G+G-2 are its samples and row b*G+G-1 its reference,
-    with log-prob 0 (pi_phi = 1), ``off_policy`` True, ``truncated`` False.
+    with log-prob 0 (pi_phi = 1), ``off_policy`` True.
     """
     b = ref_ids.shape[0]
     n_gen = len(gen)
@@ -62,7 +63,8 @@ def append_off_policy(gen: Completions, ref_ids: torch.Tensor, ref_mask: torch.T
     mask = torch.cat([pad_right(gen.mask, t, False), pad_right(ref_mask.to(dev), t, False)])
     logprobs = torch.cat([pad_right(gen.logprobs, t, 0.0),
                           torch.zeros(b, t, dtype=gen.logprobs.dtype, device=dev)])
-    truncated = torch.cat([gen.truncated, torch.zeros(b, dtype=torch.bool, device=dev)])
+    ref_truncated = torch.zeros(b, dtype=torch.bool) if ref_truncated is None else ref_truncated
+    truncated = torch.cat([gen.truncated, ref_truncated.to(dev)])
     off_policy = torch.cat([gen.off_policy, torch.ones(b, dtype=torch.bool, device=dev)])
     # Row order: for each prompt its g1 samples, then its reference (index n_gen + b in the concatenation).
     order = torch.tensor([i for p in range(b) for i in [*range(p * g1, (p + 1) * g1), n_gen + p]], device=dev)
@@ -109,8 +111,11 @@ def rollout(
         from nemo_grpo.policy.inputs import encode_completions
 
         refs = list(ctx.batch.references)
-        ref_ids, ref_mask = encode_completions(policy.tokenizer, refs, max_tokens=max_new_tokens)
-        comps = append_off_policy(comps, ref_ids, ref_mask, refs, policy.pad_token_id)
+        ref_ids, ref_mask, ref_cut = encode_completions(policy.tokenizer, refs, max_tokens=max_new_tokens)
+        # A reference cut at max_new_tokens is rewarded as what is trained (the cut text), not the full answer.
+        texts = [policy.tokenizer.decode(ref_ids[i][ref_mask[i]], skip_special_tokens=True) if ref_cut[i] else refs[i]
+                 for i in range(len(refs))]
+        comps = append_off_policy(comps, ref_ids, ref_mask, texts, policy.pad_token_id, ref_cut)
     stats = {"perf/rollout_s": elapsed, "rollout/gen_tokens": tokens,
              "perf/rollout_tokens_per_s": tokens / max(elapsed, 1e-9)}
     return Rollout(ctx=ctx, completions=comps, stats=stats)

@@ -99,25 +99,26 @@ def build_prompt_batch(
 
 
 def encode_completions(tokenizer: Any, texts: Sequence[str], max_tokens: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokenize reference completions as the policy would emit them: text tokens + eos, then pad.
 
-    Returns (token_ids [N, T] long, mask [N, T] bool, True on text tokens and the eos). With ``max_tokens`` the
-    text is cut to ``max_tokens - 1`` tokens so eos always fits (the answer is still a proper, stopped completion).
+    Returns (token_ids [N, T] long, mask [N, T] bool True on text tokens and the eos, truncated [N] bool). A text
+    whose tokens + eos do not fit in ``max_tokens`` is cut to ``max_tokens`` tokens WITHOUT eos, exactly like a
+    sampled completion that hit the length limit: teaching eos after a cut would teach stopping mid-answer.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None or pad is None:
         raise ValueError("tokenizer needs eos_token_id and pad_token_id")
-    rows = []
+    rows, truncated = [], []
     for text in texts:
-        row = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_tokens is not None:
-            row = row[: max_tokens - 1]
-        rows.append(row + [eos])
+        row = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        cut = max_tokens is not None and len(row) > max_tokens
+        rows.append(row[:max_tokens] if cut else row)
+        truncated.append(cut)
     t = max(len(r) for r in rows) if rows else 1
     token_ids = torch.full((len(rows), t), int(pad), dtype=torch.long)  # [N, T]
     mask = torch.zeros((len(rows), t), dtype=torch.bool)
     for i, row in enumerate(rows):
         token_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = True
-    return token_ids, mask
+    return token_ids, mask, torch.tensor(truncated, dtype=torch.bool)

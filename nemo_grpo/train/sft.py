@@ -39,9 +39,9 @@ def train_sft(cfg: TrainConfig) -> dict[str, Any]:
     while s.step < cfg.trainer.max_steps:
         batch = s.next_batch()
         with s.timer("train"):
-            # targets capped at the completion length GRPO samples (grpo.max_new_tokens), eos always kept
-            ids, mask = encode_completions(s.policy.tokenizer, batch.references,
-                                           max_tokens=cfg.grpo.max_new_tokens)  # [B, T]
+            # targets capped at the completion length GRPO samples (grpo.max_new_tokens); a cut target has no eos
+            ids, mask, cut = encode_completions(s.policy.tokenizer, batch.references,
+                                                max_tokens=cfg.grpo.max_new_tokens)  # [B, T]
             ids, mask = ids.to(s.device), mask.to(s.device)
             group = torch.arange(len(batch), device=s.device)
             # global answer-token count / DP size: optimizer_step averages gradients over DP ranks
@@ -57,7 +57,7 @@ def train_sft(cfg: TrainConfig) -> dict[str, Any]:
                 total += loss.detach().double().cpu()
             opt = s.optimizer_step()
         tokens = float(mask.sum())
-        metrics = s.dp_mean({"train/answer_tokens": tokens,
+        metrics = s.dp_mean({"train/answer_tokens": tokens, "train/cut_targets": float(cut.sum()),
                              "perf/tokens_per_s": tokens / max(s.timers.get("train", 0.0), 1e-9), **opt})
         metrics["train/loss"] = float(runtime.dp_sum(total, s.dp_size)) / s.dp_size  # the global token mean
         s.end_step(metrics)

@@ -34,7 +34,7 @@ def completions(tokenizer):
     """N=4 completions (2 per prompt) of different lengths: token_ids [4, T], mask [4, T], group [4]."""
     from nemo_grpo.policy.inputs import encode_completions
 
-    ids, mask = encode_completions(tokenizer, ["the red box", "eins zwei drei", "die rote Kiste ist links", "no"])
+    ids, mask, _ = encode_completions(tokenizer, ["the red box", "eins zwei drei", "die rote Kiste ist links", "no"])
     # a sampled pad token before eos (it happens): HF's embedding has padding_idx=pad, so that lookup passes no
     # gradient to the pad row; the megatron backend must match
     ids = ids.clone()

@@ -17,7 +17,7 @@ def _loss(policy, rank):
     waves = [torch.randn(8000, generator=g) * 0.1 for _ in range(2)]
     batch = build_prompt_batch(policy.tokenizer, waves, ["<|audio|> hi"] * 2, TEXTS[rank], ["a", "b"],
                                policy.config)
-    tokens, mask = encode_completions(policy.tokenizer, TEXTS[rank])
+    tokens, mask, _ = encode_completions(policy.tokenizer, TEXTS[rank])
     logp, _ = policy.score(policy.encode(batch), tokens, torch.arange(2))
     return -(logp * mask).sum() / mask.sum()
 

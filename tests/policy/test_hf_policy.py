@@ -60,7 +60,7 @@ def test_logits_scaling_matches_granite_causal_lm_and_negative_control(policy):
     assert (torch.log_softmax(unfixed, -1) - torch.log_softmax(want, -1)).abs().max() > 1e-2
     # with audio, through the policy's score(): equal at T=1 and T=0.7
     ctx = policy.encode(_batch(policy))
-    tokens, _ = encode_completions(policy.tokenizer, ["the box is red", "rot", "die Kiste", "blue"])
+    tokens, _, _ = encode_completions(policy.tokenizer, ["the box is red", "rot", "die Kiste", "blue"])
     group = torch.tensor([0, 0, 1, 1])
     for temp in (1.0, 0.7):
         with torch.no_grad():
@@ -95,7 +95,7 @@ def test_audio_encoded_once_per_prompt(policy):
 
 
 def _sft(policy, ctx, texts, steps, lr=3e-2):
-    tokens, mask = encode_completions(policy.tokenizer, texts)
+    tokens, mask, _ = encode_completions(policy.tokenizer, texts)
     group = torch.arange(len(texts))
     policy.train()
     losses = []
@@ -150,7 +150,7 @@ def test_save_load_round_trip_and_optimizer_state(tiny_model_dir, tmp_path):
     ctx = policy.encode(batch)
     policy.configure_optimizer(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.99), eps=1e-8, max_grad_norm=1.0)
     _sft(policy, ctx, ["ja", "nein"], steps=3)
-    tokens, _ = encode_completions(policy.tokenizer, ["die rote Kiste", "ja"])
+    tokens, _, _ = encode_completions(policy.tokenizer, ["die rote Kiste", "ja"])
     group = torch.tensor([0, 1])
     with torch.no_grad():
         want, _ = policy.score(ctx, tokens, group)
@@ -200,7 +200,7 @@ def test_audio_lora_on_with_audio_matches_hf_generate(tmp_path):
     assert torch.equal(comp.token_ids[:, : want.shape[1]], want)
     # and the scores are those of HF's own forward with the adapter ON (and not of the adapter-off model)
     ctx = policy.encode(batch)
-    tokens, _ = encode_completions(policy.tokenizer, ["die rote Kiste", "ja"])
+    tokens, _, _ = encode_completions(policy.tokenizer, ["die rote Kiste", "ja"])
     group = torch.tensor([0, 1])
     with torch.no_grad():
         got, _ = policy.score(ctx, tokens, group)
@@ -232,7 +232,7 @@ def test_lora_training_and_round_trip(tiny_model_dir, tmp_path):
     ctx = policy.encode(batch)
     policy.configure_optimizer(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8, max_grad_norm=1.0)
     _sft(policy, ctx, ["ja", "nein"], steps=3)
-    tokens, _ = encode_completions(policy.tokenizer, ["ja", "nein"])
+    tokens, _, _ = encode_completions(policy.tokenizer, ["ja", "nein"])
     group = torch.tensor([0, 1])
     with torch.no_grad():
         want, _ = policy.score(ctx, tokens, group)

@@ -68,15 +68,23 @@ def test_build_prompt_batch_errors_name_the_item(tok, model):
 
 
 def test_encode_completions(tok):
-    ids, mask = encode_completions(tok, ["die rote Kiste", "ja"])
-    assert ids.shape == mask.shape and mask.dtype == torch.bool
+    ids, mask, cut = encode_completions(tok, ["die rote Kiste", "ja"])
+    assert ids.shape == mask.shape and mask.dtype == torch.bool and cut.tolist() == [False, False]
     for i, text in enumerate(["die rote Kiste", "ja"]):
         n = int(mask[i].sum())
         assert ids[i, n - 1] == tok.eos_token_id
         assert (ids[i, n:] == tok.pad_token_id).all()
         assert tok.decode(ids[i, : n - 1]) == text
-    ids, mask = encode_completions(tok, ["die rote Kiste ist links"], max_tokens=3)
-    assert ids.shape == (1, 3) and ids[0, -1] == tok.eos_token_id
+    # a text that does not fit with its eos is cut WITHOUT eos (like a sampled completion at the length limit)
+    full = tok("die rote Kiste ist links", add_special_tokens=False)["input_ids"]
+    assert len(full) > 3
+    ids, mask, cut = encode_completions(tok, ["die rote Kiste ist links", "ja"], max_tokens=3)
+    assert ids.shape == (2, 3) and cut.tolist() == [True, False] and mask[0].all()
+    assert ids[0].tolist() == full[:3] and tok.eos_token_id not in ids[0].tolist()
+    assert ids[1, int(mask[1].sum()) - 1] == tok.eos_token_id
+    # exactly fitting (text + eos == max_tokens) is not a cut
+    ids, mask, cut = encode_completions(tok, ["die rote Kiste ist links"], max_tokens=len(full) + 1)
+    assert not cut[0] and ids[0, -1] == tok.eos_token_id
 
 
 def test_make_tiny_cli(tmp_path):
