@@ -1,57 +1,121 @@
-"""``nemo-grpo evaluate``: score generated-outputs JSONL files and write paper-style tables.
+"""``nemo-grpo evaluate``: score systems on a test set and write paper-style tables.
 
-    nemo-grpo evaluate --outputs "Granite Speech 2B=base.jsonl" "+ SFT=sft.jsonl" "+ GRPO=grpo.jsonl" \
-        --out results/ --lang de --bertscore-model /path/to/model [--avg]
+A system is either generated outputs or a checkpoint decoded here:
 
-writes results/metrics.json and results/table.md and prints the table.
+    # outputs JSONL files ({id, hypothesis, reference} per line)
+    nemo-grpo evaluate --outputs "Granite Speech 2B=base.jsonl" "+ SFT=sft.jsonl" --out results/ --lang de
+    # checkpoints (HF Granite Speech dirs), decoded on a recipe's test split with its evaluation decoding
+    nemo-grpo evaluate --config conf/grpo_covost2_2b.yaml data.manifest_dir=/data/covost2/manifests \
+        --model "Granite Speech 2B=/ckpt/granite-speech-3.3-2b" "+ GRPO=runs/grpo_covost2_2b/best" --out results/
+
+Both kinds mix in one table (checkpoints first, in the given order). Writes results/metrics.json, results/table.md,
+and for every decoded checkpoint results/<row>.jsonl; prints the table. Metric options not given on the command
+line come from the recipe's ``eval`` section when ``--config`` is given.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 
 log = logging.getLogger(__name__)
 
+DEFAULTS = {"lang": "en", "bleu_tokenize": "13a", "bertscore_model": None}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--outputs", nargs="+", required=True, metavar="NAME=PATH",
-                        help="one or more systems: row name = outputs JSONL ({id, hypothesis, reference} per line)")
+    parser.add_argument("--outputs", nargs="+", default=[], metavar="NAME=PATH",
+                        help="systems given as outputs JSONL ({id, hypothesis, reference} per line)")
+    parser.add_argument("--model", nargs="+", default=[], metavar="NAME=DIR",
+                        help="systems given as HF Granite Speech checkpoint dirs, decoded here (needs --config)")
+    parser.add_argument("--config", default=None,
+                        help="recipe YAML for --model: data (manifest_dir, splits), model backend, eval decoding")
+    parser.add_argument("overrides", nargs="*", default=[], help="recipe overrides key=value (with --config)")
+    parser.add_argument("--split", default="test", help="data split decoded for --model (default: test)")
+    parser.add_argument("--max-batches", type=int, default=None, help="decode at most this many batches")
     parser.add_argument("--out", required=True, help="directory for metrics.json and table.md")
-    parser.add_argument("--lang", default="en", help="target language (non-'en' uses the Unicode ROUGE tokenizer)")
+    parser.add_argument("--lang", default=None, help="target language (non-'en' uses the Unicode ROUGE tokenizer)")
     parser.add_argument("--bertscore-model", default=None,
                         help="local HF model dir for BERTScore; 'minilm' (default: the MiniLM test model, not "
                              "comparable to the paper) or 'none' to skip")
     parser.add_argument("--bertscore-num-layers", type=int, default=6)
-    parser.add_argument("--bleu-tokenize", default="13a", help="sacrebleu tokenizer for corpus BLEU")
+    parser.add_argument("--bleu-tokenize", default=None, help="sacrebleu tokenizer for corpus BLEU (default 13a)")
     parser.add_argument("--rouge-stemmer", action="store_true", help="ROUGE use_stemmer=True (recorded)")
     parser.add_argument("--avg", action="store_true", help="add the AVG column (paper Table 3)")
     parser.add_argument("--title", default=None, help="table title line")
     parser.add_argument("--row-header", default="System", help="first column header (e.g. Reward for Table 3)")
 
 
-def parse_systems(items: list[str]) -> dict[str, str]:
+def parse_systems(items: list[str], flag: str = "--outputs") -> dict[str, str]:
     """["NAME=path", ...] -> {NAME: path} in order; ValueError names the bad item."""
     systems: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path:
-            raise ValueError(f"--outputs: expected NAME=PATH, got {item!r}")
+            raise ValueError(f"{flag}: expected NAME=PATH, got {item!r}")
         if name in systems:
-            raise ValueError(f"--outputs: system name {name!r} given twice")
+            raise ValueError(f"{flag}: system name {name!r} given twice")
         systems[name] = path
     return systems
+
+
+def outputs_filename(name: str) -> str:
+    """A file name for a row name ("+ GRPO" -> "grpo.jsonl")."""
+    return (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "system") + ".jsonl"
+
+
+def decode_checkpoints(args: argparse.Namespace, models: dict[str, str]) -> tuple[dict[str, list], dict, bool]:
+    """Decode ``args.split`` with every checkpoint in ``models``; returns (records per row, the recipe's metric
+    options, whether this is rank 0). Outputs JSONL per row under ``args.out`` (rank 0)."""
+    from nemo_grpo.evaluation import write_outputs
+    from nemo_grpo.train import runtime
+    from nemo_grpo.train.config import load_config
+    from nemo_grpo.train.evaluate import decode_model, metric_options
+
+    for name, path in models.items():
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"--model {name}={path}: not a HF checkpoint dir (no config.json)")
+    overrides = list(args.overrides)
+    if not any(o.startswith("model.path=") for o in overrides):
+        overrides.append(f"model.path={next(iter(models.values()))}")  # validation wants one; each row sets its own
+    cfg = load_config(args.config, overrides)
+    records = {name: decode_model(cfg, path, args.split, args.max_batches) for name, path in models.items()}
+    rank0 = runtime.world()[0] == 0
+    if rank0:
+        for name, recs in records.items():
+            write_outputs(os.path.join(args.out, outputs_filename(name)), recs)
+    return records, metric_options(cfg.eval), rank0
 
 
 def run(args: argparse.Namespace) -> int:
     from nemo_grpo.evaluation.outputs import evaluate_outputs, load_outputs, write_results
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.outputs and not args.model:
+        raise ValueError("evaluate: give --outputs NAME=PATH and/or --model NAME=DIR")
+    if args.model and not args.config:
+        raise ValueError("evaluate: --model needs --config RECIPE (data, backend and decoding settings)")
+    if args.overrides and not args.config:
+        raise ValueError(f"evaluate: overrides {args.overrides} need --config")
     paths = parse_systems(args.outputs)
-    systems = {name: load_outputs(path) for name, path in paths.items()}
-    result = evaluate_outputs(systems, avg=args.avg, title=args.title, row_header=args.row_header, lang=args.lang,
-                              bertscore_model=args.bertscore_model, bertscore_num_layers=args.bertscore_num_layers,
-                              bleu_tokenize=args.bleu_tokenize, rouge_use_stemmer=args.rouge_stemmer)
-    result["inputs"] = paths
+    models = parse_systems(args.model, "--model")
+    both = set(paths) & set(models)
+    if both:
+        raise ValueError(f"evaluate: system name(s) {sorted(both)} given as both --outputs and --model")
+    systems, options = {}, dict(DEFAULTS)
+    if models:
+        systems, options, rank0 = decode_checkpoints(args, models)
+        if not rank0:
+            return 0
+    systems.update({name: load_outputs(path) for name, path in paths.items()})
+    for key in DEFAULTS:
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    result = evaluate_outputs(systems, avg=args.avg, title=args.title, row_header=args.row_header,
+                              bertscore_num_layers=args.bertscore_num_layers, rouge_use_stemmer=args.rouge_stemmer,
+                              **options)
+    result["inputs"] = {**{n: {"model": p, "split": args.split} for n, p in models.items()}, **paths}
     metrics_path, table_path = write_results(result, args.out)
     print(result["table_md"], end="")
     log.info("wrote %s and %s", metrics_path, table_path)

@@ -1,5 +1,6 @@
 """Corpus metrics vs the libraries, outputs JSONL validation, paper-style tables, and `nemo-grpo evaluate`."""
 import json
+import os
 
 import pytest
 import sacrebleu
@@ -124,3 +125,47 @@ def test_cli_evaluate_writes_json_and_markdown(tmp_path, capsys, monkeypatch, nl
     assert table in capsys.readouterr().out and "AVG (↑)" in table and "signature `nrefs:1|" in table
     with pytest.raises(ValueError, match="NAME=PATH"):
         main(["evaluate", "--outputs", str(a), "--out", str(out)])
+
+
+@pytest.mark.integration
+def test_cli_evaluate_decodes_checkpoints_on_a_recipe_test_split(tmp_path, capsys, tiny_model_dir, toy_manifests):
+    """`evaluate --config RECIPE --model NAME=DIR`: the checkpoint is decoded on the recipe's test split (the real
+    toy corpus through the lhotse loader) with the recipe's evaluation decoding, written as outputs JSONL, and
+    scored in the same table as an outputs file; the BLEU equals sacrebleu's on the written outputs."""
+    import sacrebleu
+
+    from nemo_grpo.cli import main
+
+    out = tmp_path / "eval"
+    cfg = ["--config", "conf/tiny_grpo.yaml", f"data.manifest_dir={toy_manifests}", "eval.max_new_tokens=6",
+           "model.device=cpu"]
+    rc = main(["evaluate", *cfg, "--model", f"Tiny base={tiny_model_dir}", "--out", str(out),
+               "--bertscore-model", "none"])
+    assert rc == 0
+    recs = [json.loads(line) for line in (out / "Tiny_base.jsonl").read_text(encoding="utf-8").splitlines()]
+    test_ids = {json.loads(line)["id"] for name in os.listdir(toy_manifests) if "test" in name and "cuts" in name
+                for line in _lines(os.path.join(toy_manifests, name))}
+    assert recs and {r["id"] for r in recs} <= test_ids and len({r["id"] for r in recs}) == len(recs)
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    bleu = sacrebleu.corpus_bleu([r["hypothesis"] for r in recs], [[r["reference"] for r in recs]])
+    assert metrics["systems"]["Tiny base"]["BLEU"] == pytest.approx(bleu.score, abs=1e-9)
+    assert metrics["inputs"]["Tiny base"] == {"model": tiny_model_dir, "split": "test"}
+    # a checkpoint row and an outputs row side by side
+    perfect = _write(tmp_path / "perfect.jsonl", [{**r, "hypothesis": r["reference"]} for r in recs])
+    rc = main(["evaluate", *cfg, "--model", f"Tiny base={tiny_model_dir}", "--outputs", f"Oracle={perfect}",
+               "--out", str(tmp_path / "eval2"), "--bertscore-model", "none"])
+    table = json.loads((tmp_path / "eval2" / "metrics.json").read_text(encoding="utf-8"))
+    assert list(table["systems"]) == ["Tiny base", "Oracle"]
+    assert table["systems"]["Oracle"]["BLEU"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="--model needs --config"):
+        main(["evaluate", "--model", f"x={tiny_model_dir}", "--out", str(out)])
+    with pytest.raises(ValueError, match="not a HF checkpoint dir"):
+        main(["evaluate", *cfg, "--model", f"x={tmp_path}", "--out", str(out)])
+
+
+def _lines(path):
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line for line in f if line.strip()]
