@@ -186,6 +186,8 @@ def _bad_cuts(toy_manifests, tmp_path):
 
     gone = tmp_path / "gone.flac"
     shutil.copy(good[0].recording.sources[0].source, gone)
+    emptied = tmp_path / "emptied.flac"
+    shutil.copy(good[0].recording.sources[0].source, emptied)
     garbage = tmp_path / "garbage.flac"
     shutil.copy(good[0].recording.sources[0].source, garbage)
 
@@ -204,8 +206,11 @@ def _bad_cuts(toy_manifests, tmp_path):
         variant(good[2], "bad-task", task="asr"),
         variant(good[2], "bad-long-prompt", question="what " * 400 + "?"),
         dataclasses.replace(good[3], id="bad-too-long"),  # max_audio_duration is just below its length
+        dataclasses.replace(good[0], id="bad-zero-duration", duration=0.0),
+        with_source(good[0], "bad-emptied", emptied),
     ]
     os.remove(gone)  # prepared fine, deleted afterwards
+    sf.write(str(emptied), np.zeros(0, np.float32), 16000, format="FLAC")  # replaced by a 0-frame file afterwards
     garbage.write_bytes(b"\x00" * 500)  # overwritten with junk after "prepare"
     path = str(tmp_path / "bad_cuts.jsonl.gz")
     CutSet.from_cuts(good[:3] + st + bad).to_file(path)
@@ -221,13 +226,19 @@ def test_load_time_bad_cuts_are_dropped_and_counted(toy_manifests, tiny_tokenize
     loader = build_dataloader(data_cfg, tok, config, split="test", seed=0)
     ids = [i for batch in loader for i in batch.ids]
     counts = loader.skips.to_dict()["counts"]
-    assert counts == {"missing_file": 1, "corrupt_audio": 1, "empty_text": 2, "malformed_row": 1,
-                      "prompt_too_long": 1, "too_long": 1}
+    # the emptied file: lhotse refuses a recording whose samples are missing (corrupt_audio), or it decodes to
+    # nothing (zero_length); either way it is counted, named, and skipped
+    emptied_kind = "zero_length" if counts.get("zero_length", 0) == 2 else "corrupt_audio"
+    expected = {"missing_file": 1, "corrupt_audio": 1, "empty_text": 2, "malformed_row": 1, "prompt_too_long": 1,
+                "too_long": 1, "zero_length": 1}
+    expected[emptied_kind] += 1
+    assert counts == expected
     assert not any(i.startswith("bad-") for i in ids) and len(ids) == 5
     assert "bad-long-prompt" in json.dumps(loader.skips.to_dict()["examples"])
-    assert "skipped 7" in loader.skips.summary()
+    assert "skipped 9" in loader.skips.summary()
     # the run's log names each skipped cut and states the totals at the end of the pass
-    assert "bad-missing: missing_file" in caplog.text and "pass finished: load/test: skipped 7" in caplog.text
+    assert "bad-missing: missing_file" in caplog.text and "pass finished: load/test: skipped 9" in caplog.text
+    assert "bad-zero-duration: zero_length" in caplog.text and f"bad-emptied: {emptied_kind}" in caplog.text
 
 
 def test_all_bad_batch_yields_nothing_but_counts(toy_manifests, tiny_tokenizer_config):
