@@ -168,8 +168,8 @@ class _Layer:
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """``GraniteRMSNorm.forward`` for ``norm`` = (weight, eps): one fused op, bit-identical to HF's fp32 formula
-    (x * rsqrt(mean(x^2) + eps) * weight; checked in tests/policy/test_hf_lean_decode.py)."""
+    """``GraniteRMSNorm.forward`` for ``norm`` = (weight, eps): in fp32 one ``torch.rms_norm`` op (measured
+    bit-identical on CPU to HF's x * rsqrt(mean(x^2) + eps) * weight, H = 64 .. 4096)."""
     weight, eps = norm
     if x.dtype == torch.float32:
         return torch.rms_norm(x, weight.shape, weight, eps)
@@ -185,10 +185,10 @@ class _LeanDecoder:
     repeated G times, decode columns written in place), the bool attention mask [N, 1, 1, P+T] (True = attend; None
     when no prompt is padded) and RoPE cos/sin [N, T, 1, D] at the mask-derived positions (real prompt tokens + t).
     The math is ``GraniteModel.forward`` + ``GraniteDecoderLayer``'s, op for op, with sdpa's single-query GQA packing
-    (fp32: bit-identical log-probs to ``lean_decode = False`` in the tests). Plain ``nn.Linear`` projections run as
-    ``F.linear`` (q/k/v and gate/up as one call over concatenated weights); LoRA-wrapped (peft) ones through their
-    own module call, so the audio adapter applies exactly. Per token this is ~25 tensor ops per layer: on small
-    models the op count, not the FLOPs, sets the rollout speed.
+    (fp32, tests: the same tokens as ``lean_decode = False``, log-probs within 1e-6, i.e. float rounding). Plain
+    ``nn.Linear`` projections run as ``F.linear`` (q/k/v and gate/up as one call over concatenated weights);
+    LoRA-wrapped (peft) ones through their own module call, so the audio adapter applies exactly. Per token this is
+    ~25 tensor ops per layer: on small models the op count, not the FLOPs, sets the rollout speed.
     """
 
     @staticmethod

@@ -9,9 +9,9 @@ Every backend (HF ``hf.py``, megatron-core ``megatron/``) supplies two callables
                                                       outputs are ignored), return the next logits.
 
 "raw" means straight from the LM head, before Granite's ``logits_scaling``. ``scale_logits`` (divide by
-logits_scaling, then by temperature) and ``token_logprobs`` are the only places that turn raw logits into
-probabilities, for sampling AND for ``Policy.score``; that is what makes the sampling-time log-probs equal a later
-scoring pass.
+logits_scaling, then by temperature) followed by ``torch.log_softmax`` (inside ``token_logprobs``, and in the
+sampler's loop) is the only path from raw logits to probabilities, for sampling AND for ``Policy.score``; that is
+what makes the sampling-time log-probs equal a later scoring pass.
 
 Shape legend: N rows (= B*G), T new tokens, V vocabulary.
 """
