@@ -187,3 +187,44 @@ def test_expensive_reward_overlaps_reference_pass_with_identical_result(tiny_mod
     assert "loss/on/kl" in m1 and m1["reward/meteor/mean"] > 0
     assert all(m1[k] == m2[k] for k in keys), {k: (m1[k], m2[k]) for k in keys if m1[k] != m2[k]}
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+@pytest.mark.integration
+def test_training_run_survives_bad_utterances_and_reports_them(tiny_model_dir, toy_manifests, tmp_path, caplog):
+    """Half of the CoVoST2 training cuts lose their audio after preparation: the GRPO run does not die, skips
+    them, and its log and summary.json state what was skipped (named cuts, counts)."""
+    import json
+    import logging
+    import os
+    import shutil
+
+    from lhotse import CutSet
+
+    from nemo_grpo.train.cmd import run_config
+    from nemo_grpo.train.config import load_config
+    from tests.train.conftest import tiny_overrides
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(toy_manifests, manifests)
+    path = manifests / "covost2_cuts_train.jsonl.gz"
+    cuts = list(CutSet.from_file(path))
+    gone = []
+    for k, cut in enumerate(cuts):
+        if k % 2:
+            src = tmp_path / f"gone_{k}.mp3"
+            shutil.copy(cut.recording.sources[0].source, src)
+            cut.recording.sources[0].source = str(src)
+            os.remove(src)
+            gone.append(cut.id)
+    CutSet.from_cuts(cuts).to_file(path)
+    out = str(tmp_path / "run")
+    ov = tiny_overrides(tiny_model_dir, str(manifests), out, **{"trainer.max_steps": 3, "trainer.val_every": 0,
+                                                              "trainer.test_at_end": False})
+    with caplog.at_level(logging.INFO):
+        summary = run_config(load_config(os.path.join("conf", "tiny_grpo.yaml"), ov))
+    assert summary["step"] == 3
+    skips = json.load(open(os.path.join(out, "summary.json")))["train_data_skips"]
+    assert skips["counts"].get("missing_file", 0) > 0 and set(skips["counts"]) == {"missing_file"}
+    named = json.dumps(skips["examples"])
+    assert any(cid in named for cid in gone)
+    assert "skipping" in caplog.text and "missing_file" in caplog.text and skips["summary"] in caplog.text
