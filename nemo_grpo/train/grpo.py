@@ -104,60 +104,58 @@ def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any = None
                   ) -> tuple[list[Groups], dict[str, float]]:
     """Rollout -> rewards -> advantages for ``batch``; returns the groups to train on and the step's metrics.
 
-    An expensive reward (``reward_fn.expensive``) is submitted to the reward worker and the reference log-probs
-    (``ref``, beta > 0) are computed meanwhile; otherwise, and under dynamic sampling (which needs the rewards to
-    know which groups to score), ``grpo_step`` computes them afterwards.
-
     Dynamic sampling (DAPO, ``grpo.dynamic_sampling``): groups whose rewards are all equal carry no gradient (their
     advantages are 0), so they are dropped and the batch is refilled with the informative groups of freshly drawn
     prompts (``s.next_batch()``) until it again holds B groups, with at most ``grpo.dynamic_sampling_max_rounds``
     rollouts per step. Still short after that, the step trains on the groups it found; if it found none, it returns
-    the last round with every token masked (``policy_update`` then skips the update)."""
+    the last round with every token masked (``policy_update`` then skips the update). The reference log-probs are
+    then computed by ``grpo_step`` for the kept groups only."""
     cfg, g = s.cfg, s.cfg.grpo
+    if not g.dynamic_sampling:
+        everything, info = sample_round(s, batch, reward_fn, ref)
+        return [everything], {**rollout_stats([info]), **group_stats([everything])}
     target, kept, rounds, chosen = len(batch), 0, [], []
     while True:
-        if rounds:
-            batch = s.next_batch()
-        with s.timer("rollout"), s.autocast():
-            ro = rollout(s.policy, batch, num_samples=g.num_generations, mixed_policy=cfg.algorithm == "mp_grpo",
-                         max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                         generator=s.generator)
-        comps = ro.completions
-        refs = [batch.references[i] for i in comps.group.tolist()]
-        ref_logp = None
-        if reward_fn.expensive and ref is not None and not g.dynamic_sampling:
-            pending = reward_fn.submit(comps.texts, refs)
-            with s.timer("reference"):
-                ref_logp = reference_logprobs(ref, ro.ctx, comps, s)
-            with s.timer("reward"):
-                rewards = pending.result()
-        else:
-            with s.timer("reward"):
-                rewards = reward_fn(comps.texts, refs)
-        with s.timer("reward"):
-            adv, mask, keep = advantages_and_mask(rewards.total, comps, cfg)
-        everything = Groups(ro.ctx, comps, adv, mask, refs, ref_logp)
-        rounds.append((ro, rewards, keep))
-        if not g.dynamic_sampling:
-            chosen.append(everything)
-            break
-        informative = keep.nonzero().flatten()[: target - kept]
+        everything, info = sample_round(s, batch if not rounds else s.next_batch(), reward_fn, None)
+        rounds.append(info)
+        informative = info[2].nonzero().flatten()[: target - kept]
         if len(informative):
             chosen.append(everything.select(informative))
             kept += len(informative)
         if kept >= target or len(rounds) >= g.dynamic_sampling_max_rounds:
             break
-    if not chosen:
-        chosen.append(everything)
-    metrics = rollout_stats(rounds)
-    metrics.update(group_stats(chosen))
-    if g.dynamic_sampling:
-        metrics.update({"dynamic_sampling/rounds": float(len(rounds)), "dynamic_sampling/groups": float(kept),
-                        "dynamic_sampling/short_groups": float(target - kept)})
-        if kept < target:
-            log.warning("dynamic sampling: %d of %d groups carry signal after %d rollouts "
-                        "(grpo.dynamic_sampling_max_rounds); training on those", kept, target, len(rounds))
-    return chosen, metrics
+    if kept < target:
+        log.warning("dynamic sampling: %d of %d groups carry signal after %d rollouts "
+                    "(grpo.dynamic_sampling_max_rounds); training on those", kept, target, len(rounds))
+    chosen = chosen or [everything]
+    return chosen, {**rollout_stats(rounds), **group_stats(chosen), "dynamic_sampling/rounds": float(len(rounds)),
+                    "dynamic_sampling/groups": float(kept), "dynamic_sampling/short_groups": float(target - kept)}
+
+
+def sample_round(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any = None) -> tuple[Groups, tuple]:
+    """One rollout of ``batch`` (B prompts) with its rewards and advantages: (all B groups, (rollout, rewards,
+    keep [B])). An expensive reward (``reward_fn.expensive``) is submitted to the reward worker and the reference
+    log-probs (``ref`` given, beta > 0) are computed meanwhile, so it stays off the critical path."""
+    cfg, g = s.cfg, s.cfg.grpo
+    with s.timer("rollout"), s.autocast():
+        ro = rollout(s.policy, batch, num_samples=g.num_generations, mixed_policy=cfg.algorithm == "mp_grpo",
+                     max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                     generator=s.generator)
+    comps = ro.completions
+    refs = [batch.references[i] for i in comps.group.tolist()]
+    ref_logp = None
+    if reward_fn.expensive and ref is not None:
+        pending = reward_fn.submit(comps.texts, refs)
+        with s.timer("reference"):
+            ref_logp = reference_logprobs(ref, ro.ctx, comps, s)
+        with s.timer("reward"):
+            rewards = pending.result()
+    else:
+        with s.timer("reward"):
+            rewards = reward_fn(comps.texts, refs)
+    with s.timer("reward"):
+        adv, mask, keep = advantages_and_mask(rewards.total, comps, cfg)
+    return Groups(ro.ctx, comps, adv, mask, refs, ref_logp), (ro, rewards, keep)
 
 
 def advantages_and_mask(total: torch.Tensor, comps: Completions, cfg: TrainConfig
