@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="systems given as HF Granite Speech checkpoint dirs, decoded here (needs --config)")
     parser.add_argument("--config", default=None,
                         help="recipe YAML for --model: data (manifest_dir, splits), model backend, eval decoding")
-    parser.add_argument("overrides", nargs="*", default=[], help="recipe overrides key=value (with --config)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="recipe overrides key=value (with --config; write them right after the recipe path)")
     parser.add_argument("--split", default="test", help="data split decoded for --model (default: test)")
     parser.add_argument("--max-batches", type=int, default=None, help="decode at most this many batches")
     parser.add_argument("--out", required=True, help="directory for metrics.json and table.md")
@@ -65,6 +66,20 @@ def outputs_filename(name: str) -> str:
     return (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "system") + ".jsonl"
 
 
+def check_output_files(models: dict[str, str], outputs: dict[str, str], out_dir: str) -> None:
+    """Every decoded checkpoint gets its own outputs file, and none of them is an ``--outputs`` input."""
+    seen: dict[str, str] = {}
+    inputs = {os.path.realpath(p) for p in outputs.values()}
+    for name in models:
+        path = os.path.realpath(os.path.join(out_dir, outputs_filename(name)))
+        if path in seen:
+            raise ValueError(f"--model rows {seen[path]!r} and {name!r} would both write {path}: rename one")
+        if path in inputs:
+            raise ValueError(f"--model {name!r} would overwrite the --outputs input {path}: rename it or use "
+                             "another --out")
+        seen[path] = name
+
+
 def decode_checkpoints(args: argparse.Namespace, models: dict[str, str]) -> tuple[dict[str, list], dict, bool]:
     """Decode ``args.split`` with every checkpoint in ``models``; returns (records per row, the recipe's metric
     options, whether this is rank 0). Outputs JSONL per row under ``args.out`` (rank 0)."""
@@ -76,6 +91,7 @@ def decode_checkpoints(args: argparse.Namespace, models: dict[str, str]) -> tupl
     for name, path in models.items():
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"--model {name}={path}: not a HF checkpoint dir (no config.json)")
+    runtime.init_distributed_from_env()  # under torchrun the split is decoded once, sharded over the ranks
     overrides = list(args.overrides)
     if not any(o.startswith("model.path=") for o in overrides):
         overrides.append(f"model.path={next(iter(models.values()))}")  # validation wants one; each row sets its own
@@ -103,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     both = set(paths) & set(models)
     if both:
         raise ValueError(f"evaluate: system name(s) {sorted(both)} given as both --outputs and --model")
+    check_output_files(models, paths, args.out)
     systems, options = {}, dict(DEFAULTS)
     if models:
         systems, options, rank0 = decode_checkpoints(args, models)

@@ -4,7 +4,8 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_000010/policy/           Policy.save_checkpoint (model + optimizer; backend-defined files)
     step_000010/trainer_state.pt  step, schedule position, data position, best metric, metric history (rank 0)
-    step_000010/rng_rank<r>.pt    python / numpy / torch (+cuda) global RNG and the sampling generator, per rank
+    step_000010/rng_rank<r>.pt    python / numpy / torch (+cuda) global RNG, the sampling generator and this rank's
+                                  data position (ranks draw different numbers of batches under dynamic sampling)
     latest                        text file naming the newest COMPLETE checkpoint dir
 
 Atomicity: everything is written into ``.tmp_step_000010``, files are fsynced, the dir is renamed to its final name
@@ -66,6 +67,9 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+RNG_KEYS = ("python", "numpy", "torch", "generator", "cuda")
+
+
 def capture_rng(generator: torch.Generator | None) -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "generator": generator.get_state() if generator is not None else None}
@@ -104,7 +108,10 @@ class Checkpointer:
             raise ValueError(f"checkpoint pointer {pointer} names {name}, which is incomplete or missing")
         return path
 
-    def save(self, step: int, policy: Any, trainer_state: dict[str, Any], generator: torch.Generator | None) -> str:
+    def save(self, step: int, policy: Any, trainer_state: dict[str, Any], generator: torch.Generator | None,
+             rank_state: dict[str, Any] | None = None) -> str:
+        """Atomically write step ``step``: the policy (collective), ``trainer_state`` (rank 0) and, per rank, its RNG
+        states plus ``rank_state`` (e.g. its data position)."""
         rank, world = _dist()
         name = f"step_{step:06d}"
         final = os.path.join(self.root, name)
@@ -114,7 +121,7 @@ class Checkpointer:
             os.makedirs(os.path.join(tmp, "policy"))
         _barrier()
         policy.save_checkpoint(os.path.join(tmp, "policy"))
-        torch.save(capture_rng(generator), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        torch.save({**capture_rng(generator), **(rank_state or {})}, os.path.join(tmp, f"rng_rank{rank}.pt"))
         if rank == 0:
             torch.save(dict(trainer_state, world_size=world), os.path.join(tmp, "trainer_state.pt"))
         _barrier()
@@ -131,14 +138,17 @@ class Checkpointer:
         return final
 
     def load(self, path: str, policy: Any, generator: torch.Generator | None) -> dict[str, Any]:
-        """Load model + optimizer, this rank's RNG states; return the trainer state."""
+        """Load model + optimizer, this rank's RNG states; return the trainer state, with this rank's own entries
+        of ``rank_state`` (e.g. "data") in place of rank 0's."""
         rank, world = _dist()
         state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         if state.get("world_size", 1) != world:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks, now {world}: "
                              "data positions and RNG streams would not continue exactly")
         policy.load_checkpoint(os.path.join(path, "policy"))
-        restore_rng(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False), generator)
+        own = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+        restore_rng(own, generator)
+        state.update({k: v for k, v in own.items() if k not in RNG_KEYS})
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
 

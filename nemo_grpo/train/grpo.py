@@ -65,7 +65,8 @@ class Groups:
 
     comps: N completions (all G members of each group); adv: [N] advantages (Eq. 1, computed over the full group);
     mask: [N, T] bool, True = the token enters the loss; refs: N reference texts (for sample logs);
-    ref_logp: [N, T] log pi_ref (beta > 0), filled by ``sample_groups`` or ``grpo_step``.
+    ref_logp: [N, T] log pi_ref (beta > 0), filled by ``sample_groups`` or ``grpo_step``;
+    in_batch: False for dynamic sampling's all-masked stand-in (no row of it counts in the loss normaliser).
     """
 
     ctx: PromptContext
@@ -74,6 +75,7 @@ class Groups:
     mask: torch.Tensor
     refs: list[str]
     ref_logp: torch.Tensor | None = None
+    in_batch: bool = True
 
     def select(self, groups: torch.Tensor) -> "Groups":
         """Only the completions of the given prompt indices [K] (rows keep their order and their ``group``)."""
@@ -127,7 +129,9 @@ def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any = None
     if kept < target:
         log.warning("dynamic sampling: %d of %d groups carry signal after %d rollouts "
                     "(grpo.dynamic_sampling_max_rounds); training on those", kept, target, len(rounds))
-    chosen = chosen or [everything]
+    if not chosen:  # this rank trains on nothing; its masked stand-in keeps its collectives in step with the others
+        everything.in_batch = False
+        chosen = [everything]
     return chosen, {**rollout_stats(rounds), **group_stats(chosen), "dynamic_sampling/rounds": float(len(rounds)),
                     "dynamic_sampling/groups": float(kept), "dynamic_sampling/short_groups": float(target - kept)}
 
@@ -237,7 +241,7 @@ def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[st
     since an AdamW step on zero gradients would still move the weights by momentum. The normaliser is global, so
     every rank skips together; the lr schedule does not advance."""
     cfg = s.cfg
-    local = torch.stack([sum(loss_normalizer(gr.mask, loss_cfg.loss_type) for gr in groups),
+    local = torch.stack([sum(loss_normalizer(gr.mask, loss_cfg.loss_type) * gr.in_batch for gr in groups),
                          sum(gr.mask.sum().float() for gr in groups)])
     normalizer, counted = runtime.dp_sum(local, s.dp_size) / s.dp_size  # one all-reduce for both
     if float(counted) == 0:
@@ -256,7 +260,7 @@ def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[st
                 out.loss.backward()
                 parts.append(out.metrics)
         opt = s.optimizer_step()
-    m = reduce_metrics(parts)
+    m = dp_reduce_metrics(reduce_metrics(parts), s.dp_size)
     metrics = {f"loss/{k}": float(v) for k, v in m.items() if not k.endswith("num_sequences")}
     # the loss of one pass (parts hold mu passes over the same batch)
     metrics["train/loss"] = float(m["loss"]) / cfg.grpo.num_iterations
@@ -264,3 +268,23 @@ def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[st
     if not any(gr.comps.off_policy.any() for gr in groups):
         metrics = {k: v for k, v in metrics.items() if not k.startswith("loss/off/")}
     return {**metrics, **opt}
+
+
+def dp_reduce_metrics(m: dict[str, torch.Tensor], dp_size: int) -> dict[str, torch.Tensor]:
+    """``reduce_metrics`` across data-parallel ranks: every token-weighted mean re-weighted by each rank's token
+    count and maxima maxed, so a rank with few (or no) counted tokens does not drag a mean towards 0. Counts and the
+    loss stay rank-local (the session's ``dp_mean`` averages them, which is right for the loss: each rank's share is
+    normalised by the global count / dp_size)."""
+    if dp_size == 1:
+        return m
+    means = [k for k in m if "/" in k and not k.endswith(("/num_tokens", "_max"))]
+    weights = [m[k.split("/")[0] + "/num_tokens"].double() for k in means]
+    vec = torch.stack([m[k].double() * w for k, w in zip(means, weights)] + weights)
+    total = runtime.dp_sum(vec, dp_size)
+    out = dict(m)
+    for i, k in enumerate(means):
+        out[k] = total[i] / total[len(means) + i].clamp(min=1)
+    maxes = [k for k in m if k.endswith("_max")]
+    if maxes:
+        out.update(zip(maxes, runtime.dp_max(torch.stack([m[k].double() for k in maxes]))))
+    return out

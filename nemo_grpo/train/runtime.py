@@ -68,6 +68,17 @@ def dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
     return y / (w // dp_size)
 
 
+def dp_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``x`` over all ranks (tensor-parallel copies hold equal values, so this is the max over
+    data-parallel ranks; a new tensor)."""
+    _, w = world()
+    if w == 1:
+        return x.clone()
+    y = x.detach().clone()
+    torch.distributed.all_reduce(y, op=torch.distributed.ReduceOp.MAX)
+    return y
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (a list with one entry per global rank)."""
     _, w = world()

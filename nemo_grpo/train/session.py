@@ -138,7 +138,8 @@ class TrainSession:
             return
         state = {"step": self.step, "opt_step": self.opt_step, "best": self.best,
                  "data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
-        self.ckpt.save(self.step, self.policy, state, self.generator)
+        # every rank's own data position: ranks may draw different numbers of batches (dynamic sampling refills)
+        self.ckpt.save(self.step, self.policy, state, self.generator, rank_state={"data": state["data"]})
         self._last_saved = self.step
 
     @property

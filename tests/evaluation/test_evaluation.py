@@ -161,6 +161,11 @@ def test_cli_evaluate_decodes_checkpoints_on_a_recipe_test_split(tmp_path, capsy
         main(["evaluate", "--model", f"x={tiny_model_dir}", "--out", str(out)])
     with pytest.raises(ValueError, match="not a HF checkpoint dir"):
         main(["evaluate", *cfg, "--model", f"x={tmp_path}", "--out", str(out)])
+    with pytest.raises(ValueError, match="would both write"):
+        main(["evaluate", *cfg, "--model", f"+ A={tiny_model_dir}", f"+A={tiny_model_dir}", "--out", str(out)])
+    with pytest.raises(ValueError, match="would overwrite the --outputs input"):
+        main(["evaluate", *cfg, "--model", f"Oracle 2={tiny_model_dir}", "--outputs", f"x={out / 'Oracle_2.jsonl'}",
+              "--out", str(out)])
 
 
 def _lines(path):

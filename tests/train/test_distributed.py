@@ -57,3 +57,37 @@ def test_dynamic_sampling_under_torchrun(backend, tiny_model_dir, toy_manifests,
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(1 <= r["dynamic_sampling/rounds"] <= 3 for r in rows)
     assert any(r["dynamic_sampling/rounds"] > 1 for r in rows)  # refills happened
+    # mu = 1: every counted token's ratio is 1; a rank without counted tokens must not drag the global mean/max
+    for r in rows:
+        if "train/skipped_update" not in r:
+            assert abs(r["loss/on/ratio_mean"] - 1) < 1e-4 and abs(r["loss/on/ratio_max"] - 1) < 1e-4, r
+
+
+@pytest.mark.integration
+def test_two_rank_resume_with_dynamic_sampling_continues_exactly(tiny_model_dir, toy_manifests, tmp_path):
+    """Ranks refill independently, so their data positions differ; each rank's own position is checkpointed and
+    restored: 2 steps + resume to 4 equals 4 uninterrupted steps (2 ranks, gloo)."""
+    import torch
+
+    def run(out, steps):
+        ov = tiny_overrides(tiny_model_dir, toy_manifests, out, **{
+            "trainer.max_steps": steps, "trainer.val_every": 0, "trainer.test_at_end": False,
+            "trainer.save_every": 1, "data.train.batch_size": 1, "grpo.dynamic_sampling": True,
+            "grpo.dynamic_sampling_max_rounds": 6})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nemo_grpo.cli", "train", "--config", os.path.join(ROOT, "conf", "tiny_grpo.yaml"), *ov]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+        return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+    full = run(str(tmp_path / "full"), 4)
+    part = str(tmp_path / "part")
+    run(part, 2)
+    ckpt = os.path.join(part, "checkpoints", "step_000002")
+    pos = [torch.load(os.path.join(ckpt, f"rng_rank{r}.pt"), weights_only=False)["data"] for r in (0, 1)]
+    assert pos[0] != pos[1]  # the ranks really are at different positions (what a rank-0-only save would lose)
+    resumed = run(part, 4)  # resume: auto
+    strip = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in resumed]
+    assert [r["step"] for r in strip] == [1, 2, 3, 4]
+    assert strip[2:] == [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in full[2:]]

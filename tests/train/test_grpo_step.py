@@ -229,3 +229,26 @@ def test_training_run_survives_bad_utterances_and_reports_them(tiny_model_dir, t
     assert any(cid in named for cid in gone)
     # the totals in the run's own log (each cut is also logged as skipped where it is loaded: the loader worker)
     assert skips["summary"] in caplog.text and "missing_file" in caplog.text
+
+
+def test_stand_in_groups_do_not_count_in_the_loss_normaliser(tiny_model_dir):
+    """A rank whose dynamic sampling found nothing trains on an all-masked stand-in (``in_batch=False``) so that its
+    collectives stay in step; with loss_type "grpo" (a per-sequence normaliser) its rows must not count, or every
+    rank's gradient shrinks. Same groups with and without a stand-in part -> the same gradient norm."""
+    from nemo_grpo.train import grpo as recipe
+
+    cfg = _cfg(tiny_model_dir, loss_type="grpo")
+    norms = []
+    for with_stand_in in (False, True):
+        torch.manual_seed(0)
+        policy = HFGraniteSpeechPolicy.from_pretrained(tiny_model_dir)
+        s = StepHarness(cfg, policy, [])
+        reward = build_reward([{"name": "chrf"}])
+        real, _ = recipe.sample_round(s, _batch(policy, [LIVE, LIVE], "a"), reward)
+        parts = [real]
+        if with_stand_in:
+            stand_in, _ = recipe.sample_round(s, _batch(policy, [DEAD, DEAD], "bb"), reward)
+            stand_in.mask, stand_in.in_batch = torch.zeros_like(stand_in.mask), False
+            parts.append(stand_in)
+        norms.append(recipe.policy_update(s, parts, loss_config(cfg))["train/grad_norm"])
+    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-6)
