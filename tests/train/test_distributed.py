@@ -12,6 +12,16 @@ from tests.train.conftest import tiny_overrides
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def torchrun_train(overrides, out):
+    """``nemo-grpo train`` of conf/tiny_grpo.yaml on 2 CPU ranks (torchrun, gloo); returns its metrics rows."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "nemo_grpo.cli", "train", "--config", os.path.join(ROOT, "conf", "tiny_grpo.yaml"), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
 @pytest.mark.integration
 def test_two_rank_data_parallel_run(tiny_model_dir, toy_manifests, tmp_path):
     from lhotse import CutSet
@@ -20,12 +30,7 @@ def test_two_rank_data_parallel_run(tiny_model_dir, toy_manifests, tmp_path):
     ov = tiny_overrides(tiny_model_dir, toy_manifests, out, **{"trainer.max_steps": 2, "trainer.val_every": 1,
                                                               "trainer.save_every": 1, "reward": "chrf",
                                                               "trainer.val_max_batches": "null"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "nemo_grpo.cli", "train", "--config", os.path.join(ROOT, "conf", "tiny_grpo.yaml"), *ov]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = torchrun_train(ov, out)
     assert sorted({r["step"] for r in rows}) == [1, 2] and len([r for r in rows if "reward/mean" in r]) == 2
     ckpt = os.path.join(out, "checkpoints", "step_000002")
     assert os.path.isfile(os.path.join(ckpt, "rng_rank0.pt")) and os.path.isfile(os.path.join(ckpt, "rng_rank1.pt"))
@@ -48,12 +53,7 @@ def test_dynamic_sampling_under_torchrun(backend, tiny_model_dir, toy_manifests,
     if backend == "megatron_tp2":
         extra.update({"model.backend": "megatron", "model.tensor_parallel_size": 2, "model.sequence_parallel": True})
     ov = tiny_overrides(tiny_model_dir, toy_manifests, out, **extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "nemo_grpo.cli", "train", "--config", os.path.join(ROOT, "conf", "tiny_grpo.yaml"), *ov]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = torchrun_train(ov, out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(1 <= r["dynamic_sampling/rounds"] <= 3 for r in rows)
     assert any(r["dynamic_sampling/rounds"] > 1 for r in rows)  # refills happened
@@ -74,12 +74,7 @@ def test_two_rank_resume_with_dynamic_sampling_continues_exactly(tiny_model_dir,
             "trainer.max_steps": steps, "trainer.val_every": 0, "trainer.test_at_end": False,
             "trainer.save_every": 1, "data.train.batch_size": 1, "grpo.dynamic_sampling": True,
             "grpo.dynamic_sampling_max_rounds": 6})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "nemo_grpo.cli", "train", "--config", os.path.join(ROOT, "conf", "tiny_grpo.yaml"), *ov]
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-4000:]
-        return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        return torchrun_train(ov, out)
 
     full = run(str(tmp_path / "full"), 4)
     part = str(tmp_path / "part")
