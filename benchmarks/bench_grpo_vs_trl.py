@@ -318,8 +318,7 @@ def markdown(rec: dict) -> list[str]:
     lines.append(f"- step totals (same steps): ours_text {rec['total_s']['ours_text']:.2f} s, "
                  f"trl {rec['total_s']['trl']:.2f} s")
     lines.append("")
-    for name, text in rec["profiles"].items():
-        lines += [f"### Profile: {name}", ""] + common.code_block(text)
+    lines += common.profile_sections(rec)
     return lines
 
 

@@ -215,8 +215,7 @@ def markdown(rec: dict) -> list[str]:
               + ", ".join(f"{st.get('probe_logprob_max_abs_diff', float('nan')):.1e}"
                           for st in rec["settings"].values())
               + "). It shows what the shipped lean decode step buys.", ""]
-    for name, text in rec["profiles"].items():
-        lines += [f"### Profile: {name}", ""] + common.code_block(text)
+    lines += common.profile_sections(rec)
     return lines
 
 

@@ -214,8 +214,7 @@ def markdown(rec: dict) -> list[str]:
     for name, r in rec["results"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["phases_share"].items()))
     lines.append("")
-    for name, text in rec["profiles"].items():
-        lines += [f"### Profile: {name}", ""] + common.code_block(text)
+    lines += common.profile_sections(rec)
     return lines
 
 

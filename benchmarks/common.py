@@ -216,6 +216,11 @@ def code_block(text: str) -> list[str]:
     return ["```", text.rstrip(), "```", ""]
 
 
+def profile_sections(rec: dict[str, Any]) -> list[str]:
+    """One "### Profile: name" section with a code block per entry of ``rec["profiles"]``."""
+    return [line for name, text in rec["profiles"].items() for line in [f"### Profile: {name}", ""] + code_block(text)]
+
+
 def verdict(ratio: float, goal: float, higher_is_better: bool) -> str:
     ok = ratio >= goal if higher_is_better else ratio <= goal
     return f"{'MET' if ok else 'MISSED'} (goal {'>=' if higher_is_better else '<='} {goal})"
