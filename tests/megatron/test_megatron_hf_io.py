@@ -130,12 +130,12 @@ def test_export_8b_shapes_peak_memory_and_reload(preset_8b_dir, tmp_path):
     out, res = tmp_path / "export", tmp_path / "mem.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "export_memory.py"), preset_8b_dir, str(out), str(res),
-                           str(1024**3)], env=env, capture_output=True, text=True, timeout=900)
+                           str(512 * 1024**2)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     mem = json.loads(res.read_text())
     assert mem["largest_tensor_bytes"] == 49280 * 4096 * 4  # padded-vocab fp32 embedding
     assert mem["extra"] < 1.25 * mem["largest_tensor_bytes"], mem
-    assert hf_io.INDEX in mem["files"]  # 1 GiB shards: the 0.93 GB model spans two
+    assert hf_io.INDEX in mem["files"]  # 512 MiB shards: the 0.93 GB model spans two
 
     model = GraniteSpeechForConditionalGeneration.from_pretrained(str(out), dtype=torch.bfloat16)
     assert model.config.has_lora_adapter is False

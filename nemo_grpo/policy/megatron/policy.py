@@ -444,6 +444,11 @@ class MegatronGraniteSpeechPolicy:
         convert.load_into_gpt(self.gpt, full)
         for prefix, module in (("model.projector.", self.module.projector), ("model.encoder.", self.module.encoder)):
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        if self.optimizer is not None:
+            # bf16 params: the optimizer steps its own fp32 main copies, which would otherwise keep the old weights
+            # and overwrite the loaded ones at the next step
+            with cpu_shims.cuda_to_cpu():
+                self.optimizer.reload_model_params()
 
     def save_pretrained(self, out_dir: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         """A HF Granite Speech dir (config, safetensors shards + index, tokenizer) from any TP size; collective.
