@@ -1,7 +1,8 @@
 """megatron backend with ``model.backend_options.params_dtype: bf16`` (the 8B recipe's setting): bf16 weights and
 activations, fp32 main parameters in the optimizer, fp32 gradient buffers (accumulation + DP reduction).
 
-One ``torchrun --nproc_per_node=2`` launch (worker_bf16.py, tiny model); the tests assert on its JSON.
+One ``torchrun --nproc_per_node=2`` launch (worker_bf16.py: parity on the granite-speech-3.3-2b preset, the
+optimizer/checkpoint checks on the tiny model); the tests assert on its JSON.
 Parity tolerance (bf16 has an 8-bit mantissa: ~4e-3 relative per rounding): log-probs of fixed completions within
 5e-2 max / 1e-2 mean of the HF backend in bf16; measured values are in the assertion messages and the README.
 """
@@ -14,10 +15,10 @@ from _launch import torchrun
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tmp_path_factory):
+def run(tiny_model_dir, preset_2b_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("megatron_bf16")
     out = work / "result.json"
-    torchrun("worker_bf16.py", [tiny_model_dir, str(work), str(out)])
+    torchrun("worker_bf16.py", [tiny_model_dir, preset_2b_dir, str(work), str(out)])
     return json.loads(out.read_text())
 
 

@@ -1,11 +1,13 @@
 """torchrun worker (2 ranks, gloo): the megatron backend with bf16 parameters and fp32 main parameters.
 
-Usage: torchrun --nproc_per_node=2 tests/megatron/worker_bf16.py MODEL_DIR WORK_DIR OUT_JSON
+Usage: torchrun --nproc_per_node=2 tests/megatron/worker_bf16.py TINY_DIR PARITY_DIR WORK_DIR OUT_JSON
+(PARITY_DIR: a real-shape checkpoint, e.g. the granite-speech-3.3-2b preset: peaked next-token distributions over
+a 49160 vocab show bf16 rounding, where the tiny model's near-uniform ones hardly do)
 
 Sections:
-  parity      log-probs of fixed completions, megatron bf16 (TP=2 + SP and TP=1) vs the HF backend in bf16, both
+  parity      (PARITY_DIR) log-probs of fixed completions, megatron bf16 (TP=2 + SP and TP=1) vs the HF backend in bf16, both
               also against HF fp32 (what bf16 rounding costs either backend).
-  optimizer   TP=1 x DP=2, distributed optimizer, bf16 params: the inner torch AdamW steps fp32 main params (sharded
+  optimizer   (TINY_DIR) TP=1 x DP=2, distributed optimizer, bf16 params: the inner torch AdamW steps fp32 main params (sharded
               over DP); gradients are accumulated and DP-reduced in fp32 buffers; a 1e-6 step moves the fp32 main
               params by ~lr while it rounds away in the bf16 params.
   checkpoint  save (torch_dist) after that step, load into a fresh policy: fp32 main params and Adam state come back
@@ -38,6 +40,7 @@ def masked_stats(a, b, mask) -> dict:
 
 
 def parity(model_dir, batch, ids, mask, group) -> dict:
+    """Log-prob differences (max / mean over real completion tokens) between backends and dtypes."""
     from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
     from nemo_grpo.policy.megatron import MegatronGraniteSpeechPolicy
 
@@ -128,12 +131,14 @@ def main() -> None:
 
     from nemo_grpo.policy.megatron import parallel
 
-    model_dir, work, out = sys.argv[1:4]
+    model_dir, parity_dir, work, out = sys.argv[1:5]
+    tok = AutoTokenizer.from_pretrained(parity_dir)
+    batch = C.prompt_batch(tok, GraniteSpeechConfig.from_pretrained(parity_dir))
+    result = {"parity": parity(parity_dir, batch, *C.completions(tok))}
+    C.write_result(out, result)
     tok = AutoTokenizer.from_pretrained(model_dir)
     batch = C.prompt_batch(tok, GraniteSpeechConfig.from_pretrained(model_dir))
     ids, mask, group = C.completions(tok)
-    result = {"parity": parity(model_dir, batch, ids, mask, group)}
-    C.write_result(out, result)
     result["optimizer"] = optimizer_and_checkpoint(model_dir, work, batch, ids, mask, group)
     C.write_result(out, result)
     parallel.destroy()
