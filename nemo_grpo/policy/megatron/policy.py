@@ -17,7 +17,6 @@ F' encoder frames, A audio tokens.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from typing import Any, Iterable
