@@ -7,7 +7,9 @@ Sections (all in one launch: torchrun start + imports cost ~15 s each):
                negative control for each Granite multiplier; audio-LoRA checkpoint merged at load.
   checkpoint   train step at TP=2+SP, save (torch_dist), resume at TP=1: identical params, continued step equal to
                the uninterrupted run; and back TP=1 -> TP=2. Control: same weights, fresh optimizer state.
-  export       save_pretrained at TP=2 -> HF from_pretrained -> equal log-probs.
+  export       streaming save_pretrained at TP=2 (small shards + index) -> transformers from_pretrained: equal
+               weights and log-probs.
+  lazy loading each rank's loaded shards equal the sharded TP=1 conversion; at TP=2 a rank reads ~half the LLM.
 The pytest side (test_megatron_backend.py) asserts on OUT_JSON.
 """
 from __future__ import annotations
@@ -85,6 +87,22 @@ def controls(pol, batch, ids, mask, group, ref) -> dict:
     return out
 
 
+def lazy_load_check(pol, model_dir) -> dict:
+    """This rank's loaded shards vs the TP=1 whole-checkpoint conversion sharded, and the LLM bytes it read."""
+    from nemo_grpo.policy.megatron import convert
+    from nemo_grpo.policy.megatron import model as mm
+    from nemo_grpo.policy.megatron import parallel
+
+    rank, size = parallel.tp_rank_size()
+    text = pol.config.text_config
+    whole = convert.read_hf_state(model_dir, prefixes=(convert.HF_LLM,))
+    full = convert.hf_to_megatron_full(whole, text, mm.padded_vocab_size(text.vocab_size, size))
+    diff = max(float((t - convert.shard(k, full[k], rank, size)).abs().max())
+               for k, t in pol.gpt.state_dict().items() if "_extra_state" not in k)
+    return {"lazy_vs_full_shards": diff, "llm_bytes_read": pol.llm_bytes_read,
+            "llm_bytes_on_disk": sum(t.nbytes for t in whole.values())}
+
+
 def equivalence(model_dir, lora_dir, batch, ids, mask, group) -> dict:
     from nemo_grpo.policy.megatron import MegatronGraniteSpeechPolicy
 
@@ -92,6 +110,7 @@ def equivalence(model_dir, lora_dir, batch, ids, mask, group) -> dict:
     res = {"grad_scale": max(float(g.abs().max()) for g in ref["grads"].values())}
     for name, tp, sp in (("tp1", 1, False), ("tp2", 2, False), ("tp2sp", 2, True)):
         pol = MegatronGraniteSpeechPolicy.from_pretrained(model_dir, tensor_parallel_size=tp, sequence_parallel=sp)
+        lazy = lazy_load_check(pol, model_dir)
         pol.train()
         lp, ent = pol.score(pol.encode(batch), ids, group, temperature=0.7, return_entropy=True)
         (lp * C.token_weights(mask)).sum().backward()
@@ -106,7 +125,7 @@ def equivalence(model_dir, lora_dir, batch, ids, mask, group) -> dict:
              "gen_tokens_equal": bool(torch.equal(gen.token_ids, ref["gen"].token_ids)),
              "gen_mask_equal": bool(torch.equal(gen.mask, ref["gen"].mask)),
              "gen_logprob": masked_max(gen.logprobs, ref["gen"].logprobs, gen.mask),
-             "gen_tokens": int(gen.mask.sum())}
+             "gen_tokens": int(gen.mask.sum()), **lazy}
         if name == "tp2sp":
             pol.train()
             r["controls"] = controls(pol, batch, ids, mask, group, ref)
@@ -200,8 +219,14 @@ def checkpoint(model_dir, work, batch, ids, mask, group) -> dict:
 def export(pol, work, batch, ids, mask, group) -> dict:
     from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
 
+    from transformers import GraniteSpeechForConditionalGeneration
+
     out = os.path.join(work, "export_tp2")
-    pol.save_pretrained(out)
+    pol.save_pretrained(out, max_shard_bytes=200_000)  # tiny model: ~10 shards + index
+    reloaded = GraniteSpeechForConditionalGeneration.from_pretrained(out).state_dict()
+    reloaded.pop("lm_head.weight")  # tied: the embedding
+    weights = C.max_diff(pol.state_dict(), reloaded)
+    shards = sum(f.endswith(".safetensors") for f in os.listdir(out))
     with torch.no_grad():
         lp, _ = pol.score(pol.encode(batch), ids, group)
     hf = HFGraniteSpeechPolicy.from_pretrained(out)
@@ -210,7 +235,8 @@ def export(pol, work, batch, ids, mask, group) -> dict:
     base = HFGraniteSpeechPolicy.from_pretrained(sys.argv[1])
     with torch.no_grad():
         lp_base, _ = base.score(base.encode(batch), ids, group)
-    return {"logprob": masked_max(lp, lp_hf, mask), "trained_vs_base": masked_max(lp_hf, lp_base, mask)}
+    return {"logprob": masked_max(lp, lp_hf, mask), "trained_vs_base": masked_max(lp_hf, lp_base, mask),
+            "weights": weights, "shards": shards}
 
 
 def main() -> None:

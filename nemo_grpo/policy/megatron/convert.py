@@ -59,29 +59,109 @@ def hf_to_megatron_full(hf: dict[str, torch.Tensor], cfg, padded_vocab: int, te:
     return out
 
 
-def megatron_full_to_hf(meg: dict[str, torch.Tensor], cfg, te: bool = False) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_megatron_full` (drops the vocab padding; ``lm_head`` only when untied)."""
+def megatron_tensor_to_hf(name: str, full: torch.Tensor, cfg, te: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """ONE TP=1 megatron tensor -> its HF (transformers-5 named) tensor(s), as views where possible:
+    ``linear_qkv`` -> q/k/v, ``linear_fc1`` -> gate/up, embedding / output layer without the vocab padding;
+    ``output_layer`` of a tied model -> [] (the embedding is the LM head). Works on meta tensors (export plans)."""
     n_q, g, d, h = _dims(cfg)
     pre_attn, pre_mlp = _norm_names(te)
-    v_true = cfg.vocab_size
-    out = {HF_LLM + "embed_tokens.weight": meg["embedding.word_embeddings.weight"][:v_true]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = meg["output_layer.weight"][:v_true]
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"decoder.layers.{i}.", f"{HF_LLM}layers.{i}."
-        qkv = meg[src + "self_attention.linear_qkv.weight"].reshape(g, (n_q // g + 2) * d, h)
-        q, k, v = qkv.split([(n_q // g) * d, d, d], dim=1)
-        out[dst + "self_attn.q_proj.weight"] = q.reshape(-1, h)
-        out[dst + "self_attn.k_proj.weight"] = k.reshape(-1, h)
-        out[dst + "self_attn.v_proj.weight"] = v.reshape(-1, h)
-        out[dst + "self_attn.o_proj.weight"] = meg[src + "self_attention.linear_proj.weight"]
-        gate, up = meg[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
-        out[dst + "mlp.down_proj.weight"] = meg[src + "mlp.linear_fc2.weight"]
-        out[dst + "input_layernorm.weight"] = meg[src + pre_attn]
-        out[dst + "post_attention_layernorm.weight"] = meg[src + pre_mlp]
-    out[HF_LLM + "norm.weight"] = meg["decoder.final_layernorm.weight"]
+    if name == "embedding.word_embeddings.weight":
+        return [(HF_LLM + "embed_tokens.weight", full[: cfg.vocab_size])]
+    if name == "output_layer.weight":
+        return [] if cfg.tie_word_embeddings else [("lm_head.weight", full[: cfg.vocab_size])]
+    if name == "decoder.final_layernorm.weight":
+        return [(HF_LLM + "norm.weight", full)]
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        raise ValueError(f"{name}: megatron tensor with no HF Granite counterpart")
+    dst, rest = f"{HF_LLM}layers.{m[1]}.", m[2]
+    if rest == "self_attention.linear_qkv.weight":
+        q, k, v = full.reshape(g, (n_q // g + 2) * d, h).split([(n_q // g) * d, d, d], dim=1)
+        return [(dst + "self_attn.q_proj.weight", q.reshape(-1, h)), (dst + "self_attn.k_proj.weight",
+                k.reshape(-1, h)), (dst + "self_attn.v_proj.weight", v.reshape(-1, h))]
+    if rest == "mlp.linear_fc1.weight":
+        gate, up = full.chunk(2, dim=0)
+        return [(dst + "mlp.gate_proj.weight", gate), (dst + "mlp.up_proj.weight", up)]
+    simple = {"self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+              "mlp.linear_fc2.weight": "mlp.down_proj.weight", pre_attn: "input_layernorm.weight",
+              pre_mlp: "post_attention_layernorm.weight"}
+    if rest not in simple:
+        raise ValueError(f"{name}: megatron tensor with no HF Granite counterpart")
+    return [(dst + simple[rest], full)]
+
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def megatron_full_to_hf(meg: dict[str, torch.Tensor], cfg, te: bool = False) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_megatron_full` (drops the vocab padding; ``lm_head`` only when untied)."""
+    out = {}
+    for name, t in meg.items():
+        out.update(megatron_tensor_to_hf(name, t, cfg, te))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def full_shape(name: str, local: torch.Size, size: int) -> tuple[int, ...]:
+    """TP=1 shape of a megatron tensor from this rank's shard shape (column-parallel: dim 0 x TP, row: dim 1)."""
+    shape = list(local)
+    if _COLUMN.search(name):
+        shape[0] *= size
+    elif _ROW.search(name):
+        shape[1] *= size
+    return tuple(shape)
+
+
+def megatron_shard_from_hf(name: str, read, cfg, padded_vocab: int, te: bool, rank: int, size: int
+                           ) -> torch.Tensor:
+    """This TP rank's shard of megatron tensor ``name``, built from HF tensor SLICES only (lazy loading).
+
+    ``read(hf_name, rows=(a, b) | None, cols=(a, b) | None)`` returns ``hf[a:b]`` / ``hf[:, a:b]`` of one HF tensor
+    (see ``hf_io.CheckpointReader.read``). Equal to ``shard(name, hf_to_megatron_full(hf)[name], rank, size)``:
+    qkv = this rank's whole query groups [q_g, k_g, v_g]; fc1 = [gate_r; up_r]; embedding / output layer = this
+    rank's rows of the padded vocab (rows past the true vocab zero); linear_proj / linear_fc2 = column slices."""
+    n_q, g, d, h = _dims(cfg)
+    pre_attn, pre_mlp = _norm_names(te)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        src = HF_LLM + "embed_tokens.weight" if name.startswith("embedding") else "lm_head.weight"
+        if padded_vocab % size:
+            raise ValueError(f"padded vocab {padded_vocab} not divisible by tensor_parallel_size {size}")
+        per = padded_vocab // size
+        lo, hi = rank * per, min((rank + 1) * per, cfg.vocab_size)
+        if lo >= hi:  # this rank holds only padding rows
+            w = read(src, rows=(0, 0))
+            return w.new_zeros(per, *w.shape[1:])
+        return _pad_rows(read(src, rows=(lo, hi)), per)
+    if name == "decoder.final_layernorm.weight":
+        return read(HF_LLM + "norm.weight")
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        raise ValueError(f"{name}: megatron tensor with no HF Granite counterpart")
+    src, rest = f"{HF_LLM}layers.{m[1]}.", m[2]
+    if rest == "self_attention.linear_qkv.weight":
+        if g % size:
+            raise ValueError(f"num_key_value_heads {g} not divisible by tensor_parallel_size {size}")
+        gs, qd = g // size, (n_q // g) * d
+        g0 = rank * gs
+        q = read(src + "self_attn.q_proj.weight", rows=(g0 * qd, (g0 + gs) * qd)).reshape(gs, qd, h)
+        k = read(src + "self_attn.k_proj.weight", rows=(g0 * d, (g0 + gs) * d)).reshape(gs, d, h)
+        v = read(src + "self_attn.v_proj.weight", rows=(g0 * d, (g0 + gs) * d)).reshape(gs, d, h)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)  # q/v may carry merged LoRA
+        return torch.cat([q.to(dtype), k.to(dtype), v.to(dtype)], dim=1).reshape(-1, h)
+    if rest == "mlp.linear_fc1.weight":
+        f = cfg.intermediate_size // size
+        rows = (rank * f, (rank + 1) * f)
+        return torch.cat([read(src + "mlp.gate_proj.weight", rows=rows), read(src + "mlp.up_proj.weight", rows=rows)])
+    if rest == "self_attention.linear_proj.weight":
+        c = n_q * d // size
+        return read(src + "self_attn.o_proj.weight", cols=(rank * c, (rank + 1) * c))
+    if rest == "mlp.linear_fc2.weight":
+        c = cfg.intermediate_size // size
+        return read(src + "mlp.down_proj.weight", cols=(rank * c, (rank + 1) * c))
+    if rest == pre_attn:
+        return read(src + "input_layernorm.weight")
+    if rest == pre_mlp:
+        return read(src + "post_attention_layernorm.weight")
+    raise ValueError(f"{name}: megatron tensor with no HF Granite counterpart")
 
 
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -161,6 +241,25 @@ def load_into_gpt(gpt, full: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, dst in own.items():
             src = shard(name, full[name], rank, size)
+            if src.shape != dst.shape:
+                raise ValueError(f"{name}: converted shard {tuple(src.shape)} != model {tuple(dst.shape)}")
+            dst.copy_(src.to(dst.dtype))
+
+
+def load_into_gpt_lazy(gpt, read, cfg, padded_vocab: int, te: bool = False) -> None:
+    """Fill this rank's GPTModel shard tensor by tensor from HF slices (:func:`megatron_shard_from_hf`): peak extra
+    memory is one shard-sized tensor, never the checkpoint. Shapes must match."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, dst in gpt.state_dict().items():
+            if "_extra_state" in name or not torch.is_tensor(dst):
+                continue
+            if name == "output_layer.weight" and cfg.tie_word_embeddings:
+                continue
+            src = megatron_shard_from_hf(name, read, cfg, padded_vocab, te, rank, size)
             if src.shape != dst.shape:
                 raise ValueError(f"{name}: converted shard {tuple(src.shape)} != model {tuple(dst.shape)}")
             dst.copy_(src.to(dst.dtype))

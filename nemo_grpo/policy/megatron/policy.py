@@ -17,7 +17,6 @@ F' encoder frames, A audio tokens.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from typing import Any, Iterable
@@ -25,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from nemo_grpo.policy.base import Completions, PromptBatch, PromptContext
-from nemo_grpo.policy.megatron import convert, cpu_shims, parallel
+from nemo_grpo.policy.megatron import convert, cpu_shims, hf_io, parallel
 from nemo_grpo.policy.megatron import model as mm
 from nemo_grpo.policy.sampling import sample_tokens, scale_logits
 from nemo_grpo.policy.tokens import disable_dropout, resolve_pad, save_tokenizer
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # distributed-optimizer state in the canonical per-parameter layout, so a checkpoint reshards over TP and DP
 _OPTIM_CKPT = {"distrib_optim_sharding_type": "fully_reshardable"}
+DEFAULT_SHARD_BYTES = 4 * 1024**3  # HF export shard size (streamed: memory does not depend on it)
 BACKEND_OPTIONS = ("fp8", "fp8_recipe", "use_distributed_optimizer", "params_dtype")
 
 
@@ -43,37 +43,6 @@ class GraniteSpeechMegatron(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module, projector: torch.nn.Module, llm: torch.nn.Module):
         super().__init__()
         self.encoder, self.projector, self.llm = encoder, projector, llm
-
-
-def _merge_audio_lora(path: str, hf_llm: dict[str, torch.Tensor]) -> bool:
-    """Fold a PEFT audio adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into the base weights:
-    W += (lora_alpha / r) B A. Returns True when an adapter was merged."""
-    cfg_path = os.path.join(path, "adapter_config.json")
-    if not os.path.exists(cfg_path):
-        return False
-    with open(cfg_path) as f:
-        acfg = json.load(f)
-    if acfg.get("use_dora") or acfg.get("use_rslora"):
-        raise ValueError(f"{cfg_path}: DoRA / rsLoRA adapters are not supported by the megatron backend")
-    scale = float(acfg["lora_alpha"]) / float(acfg["r"])
-    from safetensors.torch import load_file
-
-    adapter = load_file(os.path.join(path, "adapter_model.safetensors"))
-    merged = 0
-    for key, a in adapter.items():
-        if not key.endswith("lora_A.weight"):
-            continue
-        base = convert.normalize_key(key[len("base_model.model."):].replace(".lora_A.weight", ".weight"))
-        b = adapter[key.replace("lora_A", "lora_B")]
-        if base not in hf_llm:
-            raise ValueError(f"{path}: adapter targets {base}, which is not a language-model weight")
-        # in fp32 at least: released weights are bf16 on disk, and rounding W + s B A to bf16 here would lose most
-        # of the adapter's update (HF keeps the adapter as a separate path); params_dtype casts once, at the end
-        w = hf_llm[base].to(torch.promote_types(hf_llm[base].dtype, torch.float32))
-        hf_llm[base] = w + scale * (b.double() @ a.double()).to(w.dtype)
-        merged += 1
-    log.info("merged audio LoRA adapter (%d matrices, scale %.3g) into the base weights", merged, scale)
-    return merged > 0
 
 
 class MegatronGraniteSpeechPolicy:
@@ -131,21 +100,26 @@ class MegatronGraniteSpeechPolicy:
         tokenizer = AutoTokenizer.from_pretrained(path)
         resolve_pad(tokenizer, config.text_config.vocab_size, reserved=(config.audio_token_index,))
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        state = convert.read_hf_state(path)
-        with torch.device(device or "cpu"):  # random init is overwritten: do it where it is fast
-            encoder = hf_gs.GraniteSpeechCTCEncoder(config.encoder_config)
-            projector = hf_gs.GraniteSpeechEncoderProjector(config)
-        for name, module in (("model.encoder.", encoder), ("model.projector.", projector)):
-            sub = {k[len(name):]: v for k, v in state.items() if k.startswith(name)}
-            module.load_state_dict(sub, strict=True)
-        lora_merged = _merge_audio_lora(path, state)
-        gpt = mm.build_gpt(config.text_config, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                           fp8_recipe)
-        te = mm.have_te()
-        full = convert.hf_to_megatron_full(state, config.text_config,
-                                           mm.padded_vocab_size(config.text_config.vocab_size, tensor_parallel_size),
-                                           te)
-        convert.load_into_gpt(gpt, full)
+        # lazy: each rank reads only its own TP slices of the LLM (+ the small replicated encoder/projector)
+        lora = hf_io.read_audio_lora(path)  # merged into the q/v slices as they are read
+        with hf_io.CheckpointReader(path, lora=lora) as reader:
+            with torch.device(device or "cpu"):  # random init is overwritten: do it where it is fast
+                encoder = hf_gs.GraniteSpeechCTCEncoder(config.encoder_config)
+                projector = hf_gs.GraniteSpeechEncoderProjector(config)
+            for name, module in (("model.encoder.", encoder), ("model.projector.", projector)):
+                module.load_state_dict(reader.read_prefix(name), strict=True)
+            gpt = mm.build_gpt(config.text_config, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
+                               fp8_recipe)
+            padded = mm.padded_vocab_size(config.text_config.vocab_size, tensor_parallel_size)
+            convert.load_into_gpt_lazy(gpt, reader.read, config.text_config, padded, mm.have_te())
+            llm_read = sum(v for k, v in reader.bytes_read.items() if k.startswith(convert.HF_LLM))
+        stray = sorted(k for k in lora if not k.startswith(convert.HF_LLM) or k not in reader.bytes_read)
+        if stray:
+            raise ValueError(f"{path}: adapter targets {stray[:3]}, which are not language-model weights")
+        lora_merged = bool(lora)
+        if lora_merged:
+            log.info("merged audio LoRA adapter (%d matrices) into the base weights", len(lora))
+        log.info("loaded %s: %.3g GB of LLM weights read by this rank", path, llm_read / 1e9)
         model = GraniteSpeechMegatron(encoder.to(params_dtype), projector.to(params_dtype), gpt)
         if device is not None:
             model.to(device)
@@ -156,8 +130,10 @@ class MegatronGraniteSpeechPolicy:
             p.requires_grad_(train_projector and trainable)
         for p in gpt.parameters():
             p.requires_grad_(train_llm and trainable)
-        return cls(model, tokenizer, config, trainable=trainable,
-                   use_distributed_optimizer=use_distributed_optimizer, lora_merged=lora_merged)
+        policy = cls(model, tokenizer, config, trainable=trainable,
+                     use_distributed_optimizer=use_distributed_optimizer, lora_merged=lora_merged)
+        policy.llm_bytes_read = llm_read  # this rank's share of the checkpoint's LLM bytes (lazy-loading check)
+        return policy
 
     def _wrap_ddp(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -449,7 +425,10 @@ class MegatronGraniteSpeechPolicy:
                         st["step"] = torch.tensor(0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named full weights (LLM gathered over TP, projector, encoder): a TP-independent view."""
+        """HF-named full weights (LLM gathered over TP, projector, encoder): a TP-independent view.
+
+        Materialises the WHOLE model on every rank (~33 GB fp32 at 8B): for tests and small models only; the
+        training path exports with the streaming :meth:`save_pretrained`."""
         out = convert.megatron_full_to_hf(convert.gather_full_state(self.gpt), self.config.text_config,
                                           mm.have_te())
         for prefix, module in (("model.projector.", self.module.projector), ("model.encoder.", self.module.encoder)):
@@ -464,23 +443,72 @@ class MegatronGraniteSpeechPolicy:
         convert.load_into_gpt(self.gpt, full)
         for prefix, module in (("model.projector.", self.module.projector), ("model.encoder.", self.module.encoder)):
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        if self.optimizer is not None:
+            # bf16 params: the optimizer steps its own fp32 main copies, which would otherwise keep the old weights
+            # and overwrite the loaded ones at the next step
+            with cpu_shims.cuda_to_cpu():
+                self.optimizer.reload_model_params()
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """A HF Granite Speech dir (config, safetensors, tokenizer) from any TP size; collective, rank 0 writes.
-        A merged audio adapter stays merged (``has_lora_adapter`` false)."""
+    def save_pretrained(self, out_dir: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        """A HF Granite Speech dir (config, safetensors shards + index, tokenizer) from any TP size; collective.
+
+        Streams: tensor by tensor, the TP ranks of the data-parallel replica holding global rank 0 gather ONE
+        megatron tensor onto rank 0 (other replicas only wait), which converts it to its HF tensor(s)
+        (qkv -> q/k/v, fc1 -> gate/up, vocab padding dropped), casts it to the loaded checkpoint's dtype
+        (``config.dtype``: bf16 for the released checkpoints, fp32 stays fp32) and appends it to the current shard
+        file. Peak extra host memory on rank 0 is a few times the largest tensor (TP copies + the cast copy), not the
+        model; other ranks hold at most their own shard of one tensor. Legacy on-disk names
+        (``convert.to_legacy_key``), as the released checkpoints. A merged audio adapter stays merged
+        (``has_lora_adapter`` false)."""
         import torch.distributed as dist
-        from safetensors.torch import save_file
+        from megatron.core import parallel_state
 
-        state = self.state_dict()
-        if dist.get_rank() == 0:
-            os.makedirs(out_dir, exist_ok=True)
-            tensors = {convert.to_legacy_key(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
-            save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        rank0 = dist.get_rank() == 0
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        # only the replica containing rank 0 takes part: the others hold identical weights
+        exporting = parallel_state.get_tensor_model_parallel_src_rank() == 0
+        dtype = hf_io.checkpoint_dtype(self.config)
+        text, te = self.config.text_config, mm.have_te()
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        llm = [(n, t) for n, t in self.gpt.state_dict().items() if "_extra_state" not in n and torch.is_tensor(t)]
+        small = [(prefix + k, t) for prefix, module in (("model.projector.", self.module.projector),
+                                                        ("model.encoder.", self.module.encoder))
+                 for k, t in module.state_dict().items()]
+        writer = None
+        if rank0:
+            plan = []
+            for name, t in llm:  # names and shapes from meta tensors: nothing is materialised to plan
+                meta = torch.empty(convert.full_shape(name, t.shape, tp), dtype=t.dtype, device="meta")
+                plan += [(convert.to_legacy_key(k), tuple(v.shape), cast(v).dtype)
+                         for k, v in convert.megatron_tensor_to_hf(name, meta, text, te)]
+            plan += [(convert.to_legacy_key(k), tuple(t.shape), cast(t).dtype) for k, t in small]
+            writer = hf_io.ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes)
+        if exporting:
+            with torch.no_grad():
+                for name, t in llm:
+                    t = t.detach().contiguous()
+                    if tp > 1 and convert.is_tp_sharded(name):
+                        parts = [torch.empty_like(t) for _ in range(tp)] if rank0 else None
+                        dist.gather(t, parts, dst=0, group=tp_group)
+                        t = convert.unshard(name, parts) if rank0 else None
+                        del parts
+                    if rank0:
+                        for k, v in convert.megatron_tensor_to_hf(name, t, text, te):
+                            writer.write(convert.to_legacy_key(k), cast(v).cpu())
+                    del t
+        if rank0:
+            for k, t in small:
+                writer.write(convert.to_legacy_key(k), cast(t.detach()).cpu())
+            writer.close()
             config = type(self.config).from_dict(self.config.to_dict())
             if self.lora_merged:
                 config.has_lora_adapter = False
             config.save_pretrained(out_dir)
-            save_tokenizer(self.tokenizer, out_dir)
+            self.tokenizer.save_pretrained(out_dir)
         dist.barrier()
 
     @property
