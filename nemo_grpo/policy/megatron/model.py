@@ -21,6 +21,7 @@ Tensors inside megatron are sequence-first: [S, B, H]; the helpers here take/ret
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import replace
 
@@ -164,6 +165,49 @@ def transformer_config(
     )
 
 
+@functools.cache
+def granite_self_attention_class():
+    """megatron ``SelfAttention`` that keeps honouring an explicit attention mask on KV-cache decode steps.
+
+    megatron-core 0.16's ``_adjust_key_value_for_inference`` switches the mask type to ``no_mask`` on every decode
+    step (static batching, ``sequence_len_offset > 0``, not training). Transformer Engine then ignores the mask it is
+    given, so with left-padded prompts the new token attends to the pad positions of shorter prompts and the
+    log-probs recorded while sampling (pi_old) disagree with ``score``. megatron's local attention applies the mask
+    whatever the type says, so CPU runs never showed it. Here a decode step that was passed a mask keeps
+    ``arbitrary`` (our masks are explicit [B, 1, Sq, Sk] tensors: causal | pad key). Built lazily: importing this
+    module does not import megatron-core.
+    """
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class GraniteSelfAttention(SelfAttention):
+        def forward(self, hidden_states, attention_mask, *args, **kwargs):
+            self._granite_mask_given = attention_mask is not None
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+        def _adjust_key_value_for_inference(self, *args, **kwargs):
+            query, key, value, rotary_pos_emb, mask_type, block_table = super()._adjust_key_value_for_inference(
+                *args, **kwargs)
+            if mask_type == AttnMaskType.no_mask and getattr(self, "_granite_mask_given", False):
+                mask_type = AttnMaskType.arbitrary
+            return query, key, value, rotary_pos_emb, mask_type, block_table
+
+    return GraniteSelfAttention
+
+
+def _masked_self_attention(layer) -> None:
+    """Both specs (TE and local): :func:`granite_self_attention_class` with ``attn_mask_type=arbitrary``.
+
+    Left-padded prompts need the explicit [B, 1, Sq, Sk] mask (causal | pad key) on every step: TE's implicit
+    ``causal`` ignores a mask, and so does megatron's fused upper-triangular softmax (local spec with
+    ``masked_softmax_fusion`` on a GPU), so neither spec may run with ``causal``."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attn = layer.submodules.self_attention
+    attn.module = granite_self_attention_class()
+    attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.arbitrary}
+
+
 def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
     """TransformerBlockSubmodules: megatron's GPT layer spec with Granite's residual-multiplier bda and norms."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -174,11 +218,8 @@ def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
     bda = ModuleSpec(module=GraniteResidualBDA, params={"multiplier": residual_multiplier})
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
-        from megatron.core.transformer.enums import AttnMaskType
 
         layer = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec())
-        # left-padded prompts: an explicit [B, 1, S, S] mask (causal | pad key) instead of TE's implicit causal
-        layer.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
         final_norm = TENorm
     else:
         layer = copy.deepcopy(specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -187,6 +228,7 @@ def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
         )
         final_norm = GraniteRMSNorm
     layer.submodules = replace(layer.submodules, self_attn_bda=bda, mlp_bda=bda)
+    _masked_self_attention(layer)
     return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=final_norm)
 
 
