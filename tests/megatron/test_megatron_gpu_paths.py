@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,3 +37,74 @@ def test_decode_steps_keep_a_mask_type_that_honours_left_padding(tiny_model_dir,
         assert c["mask_shape"][1:] == [1, 1, c["sk"]] and c["masked_keys"] > 0, c
     assert res["generate_vs_score"] < 1e-5
     assert res["attention_class"] == "GraniteSelfAttention"
+
+
+class FusedAdamLayout(torch.optim.Optimizer):
+    """The per-parameter state layout of TE's (and apex's) ``FusedAdam`` without importing TE: ``exp_avg`` and
+    ``exp_avg_sq`` per parameter, the step count in the param group. (``master_param`` joins them only with
+    ``master_weights``, megatron's precision-aware path, which restores through ``set_scaled_state`` instead.)"""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.add_(st["exp_avg"] / (st["exp_avg_sq"].sqrt() + group["eps"]), alpha=-group["lr"])
+
+
+def _params():
+    return [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam, FusedAdamLayout])
+def test_adam_state_template_matches_what_the_optimizer_itself_creates(cls):
+    from nemo_grpo.policy.megatron.policy import adam_state_keys, init_adam_state
+
+    template = cls(_params())
+    init_adam_state(template)
+    stepped = cls(_params())
+    for p in stepped.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    stepped.step()
+    for opt in (template, stepped):
+        assert [sorted(st) for st in opt.state.values()] == [sorted(adam_state_keys(cls))] * 2
+    assert ("step" in adam_state_keys(cls)) == (cls is not FusedAdamLayout)
+
+
+def test_fused_adam_resume_copies_only_checkpointed_tensors():
+    """megatron's own restore copy (DistributedOptimizer._set_main_param_and_optimizer_states) over the template
+    with what a FusedAdam checkpoint holds per parameter: a template with ``step`` raised KeyError: 'step'."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from nemo_grpo.policy.megatron.policy import init_adam_state
+
+    main = torch.nn.Parameter(torch.zeros(3))
+    opt = FusedAdamLayout([main])
+    init_adam_state(opt)
+    model_param = torch.nn.Parameter(torch.zeros(3))
+    holder = SimpleNamespace(model_param_group_index_map={model_param: (0, 0)}, optimizer=opt,
+                             config=SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False))
+    ckpt = {"param": torch.full((3,), 1.0), "exp_avg": torch.full((3,), 2.0), "exp_avg_sq": torch.full((3,), 3.0)}
+    with torch.no_grad():  # as megatron's callers (load_parameter_state_from_fs_model_space is no_grad)
+        DistributedOptimizer._set_main_param_and_optimizer_states(holder, model_param, ckpt)
+    assert main.tolist() == [1.0] * 3 and opt.state[main]["exp_avg_sq"].tolist() == [3.0] * 3
+
+
+def test_adam_class_megatron_picks_here_gets_the_step_it_needs():
+    from megatron.core.optimizer import Adam
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    from nemo_grpo.policy.megatron.policy import adam_state_keys
+
+    assert ("step" in adam_state_keys(Adam)) == (not dopt.HAVE_APEX_OR_TE)

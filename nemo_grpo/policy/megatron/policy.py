@@ -446,18 +446,9 @@ class MegatronGraniteSpeechPolicy:
                 self.optimizer.load_state_dict(loaded["optimizer"])
 
     def _init_optimizer_state(self) -> None:
-        """Zero Adam moments + step for every parameter not stepped yet (the load template). megatron-core 0.16's
-        own init_state_fn omits torch Adam's ``step``, which its DistributedOptimizer.state_dict then requires
-        (the no-apex/no-TE path)."""
+        """The load template: zero Adam state for every parameter not stepped yet (see :func:`init_adam_state`)."""
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = opt.optimizer
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    st = inner.state[p]
-                    if not st:
-                        st["exp_avg"] = torch.zeros_like(p)
-                        st["exp_avg_sq"] = torch.zeros_like(p)
-                        st["step"] = torch.tensor(0.0)
+            init_adam_state(opt.optimizer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named full weights (LLM gathered over TP, projector, encoder): a TP-independent view."""
@@ -505,6 +496,30 @@ class MegatronGraniteSpeechPolicy:
 
     def eval(self) -> "MegatronGraniteSpeechPolicy":
         return self.train(False)
+
+
+def adam_state_keys(optimizer_cls: type) -> tuple[str, ...]:
+    """Per-parameter state entries the load template must hold for the Adam class megatron picked.
+
+    torch ``Adam``/``AdamW`` (megatron's fallback without apex/TE) keep a per-param ``step`` tensor that
+    megatron-core 0.16's own init_state_fn omits and its DistributedOptimizer.state_dict then requires. TE's and
+    apex's ``FusedAdam`` keep the step in the param group and know only ``exp_avg``/``exp_avg_sq`` (+
+    ``master_param``, which FusedAdam creates itself): an extra ``step`` there makes megatron copy a checkpoint
+    tensor that does not exist (``KeyError: 'step'`` on resume in NGC containers)."""
+    if issubclass(optimizer_cls, (torch.optim.Adam, torch.optim.AdamW)):
+        return ("exp_avg", "exp_avg_sq", "step")
+    return ("exp_avg", "exp_avg_sq")
+
+
+def init_adam_state(inner: torch.optim.Optimizer) -> None:
+    """Zero state (:func:`adam_state_keys` of ``type(inner)``) for every parameter that has none yet."""
+    keys = adam_state_keys(type(inner))
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state[p]
+            if not st:
+                for key in keys:
+                    st[key] = torch.tensor(0.0) if key == "step" else torch.zeros_like(p)
 
 
 @contextlib.contextmanager
