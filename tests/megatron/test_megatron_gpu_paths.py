@@ -108,3 +108,63 @@ def test_adam_class_megatron_picks_here_gets_the_step_it_needs():
     from nemo_grpo.policy.megatron.policy import adam_state_keys
 
     assert ("step" in adam_state_keys(Adam)) == (not dopt.HAVE_APEX_OR_TE)
+
+
+@pytest.mark.parametrize("cuda,te,kernel,expected", [
+    (False, False, False, dict(rope=False, swiglu=False, grad_accum=False)),  # CPU: all off
+    (False, False, True, dict(rope=False, swiglu=False, grad_accum=False)),
+    (True, False, False, dict(rope=False, swiglu=True, grad_accum=False)),    # GPU, no TE, no apex
+    (True, False, True, dict(rope=False, swiglu=True, grad_accum=True)),      # GPU + apex
+    (True, True, False, dict(rope=True, swiglu=True, grad_accum=False)),      # GPU + TE
+    (True, True, True, dict(rope=True, swiglu=True, grad_accum=True)),        # NGC container
+])
+def test_fusions_auto_resolves_to_what_the_machine_supports(cuda, te, kernel, expected):
+    from nemo_grpo.policy.megatron.model import resolve_fusions
+
+    assert resolve_fusions("auto", cuda=cuda, te=te, grad_accum_kernel=kernel) == expected
+    assert resolve_fusions(None, cuda=cuda, te=te, grad_accum_kernel=kernel) == expected
+    assert not any(resolve_fusions("off", cuda=cuda, te=te, grad_accum_kernel=kernel).values())
+
+
+def test_fusions_mapping_overrides_and_validation():
+    from nemo_grpo.policy.megatron.model import resolve_fusions
+
+    ngc = dict(cuda=True, te=True, grad_accum_kernel=True)
+    assert resolve_fusions({"rope": False, "swiglu": "auto"}, **ngc) == dict(rope=False, swiglu=True, grad_accum=True)
+    assert resolve_fusions({"swiglu": True}, cuda=False, te=False, grad_accum_kernel=False)["swiglu"]
+    with pytest.raises(ValueError, match=r"fusions: unknown key\(s\) \['layernorm'\]"):
+        resolve_fusions({"layernorm": True}, **ngc)
+    with pytest.raises(ValueError, match=r"fusions\.rope=true needs Transformer Engine"):
+        resolve_fusions({"rope": True}, cuda=True, te=False, grad_accum_kernel=True)
+    with pytest.raises(ValueError, match=r"fusions\.grad_accum=true needs CUDA"):
+        resolve_fusions({"grad_accum": True}, cuda=False, te=True, grad_accum_kernel=True)
+    with pytest.raises(ValueError, match="use 'auto', 'off'"):
+        resolve_fusions("on", **ngc)
+    with pytest.raises(ValueError, match="use true, false or 'auto'"):
+        resolve_fusions({"rope": "yes"}, **ngc)
+
+
+def test_fusion_flags_reach_megatrons_transformer_config():
+    """The resolved flags are the ones megatron's TransformerConfig gets (CPU here: auto = off; an explicit
+    swiglu fusion, which runs anywhere, is passed through)."""
+    from transformers import GraniteConfig
+
+    from nemo_grpo.policy.megatron import model as mm
+
+    cfg = GraniteConfig(vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    auto = mm.transformer_config(cfg, use_te=False)
+    assert not (auto.apply_rope_fusion or auto.bias_activation_fusion or auto.gradient_accumulation_fusion)
+    on = mm.transformer_config(cfg, use_te=False, fusions={"swiglu": True})
+    assert on.bias_activation_fusion and not on.apply_rope_fusion
+
+
+def test_fusions_is_a_known_backend_option_and_validated_before_loading():
+    from types import SimpleNamespace
+
+    from nemo_grpo.policy.megatron import build_policy
+
+    cfg = SimpleNamespace(backend_options={"fusions": {"rope": True}}, path="/nonexistent",
+                          tensor_parallel_size=1, sequence_parallel=False)
+    with pytest.raises(ValueError, match=r"fusions\.rope=true needs Transformer Engine"):
+        build_policy(cfg)

@@ -92,6 +92,58 @@ class GraniteResidualBDA:
         return bda
 
 
+FUSIONS = ("rope", "swiglu", "grad_accum")  # keys of model.backend_options.fusions (a mapping form)
+
+
+def grad_accum_kernel_available() -> bool:
+    """megatron's ColumnParallelLinear (GPTModel's output layer even under the TE spec) refuses
+    ``gradient_accumulation_fusion`` without apex's ``fused_weight_gradient_mlp_cuda`` extension."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def resolve_fusions(setting=None, *, cuda: bool, te: bool, grad_accum_kernel: bool) -> dict[str, bool]:
+    """``model.backend_options.fusions`` -> {"rope", "swiglu", "grad_accum": bool} for this machine.
+
+    ``"auto"`` (default, also None): every fusion megatron-core 0.16 supports here when CUDA is present, none on
+    CPU (there they only add torch.compile warm-ups of 5-37 s, or need CUDA extensions). ``"off"``: none. A
+    mapping overrides single keys (true / false / "auto"); true for a fusion whose requirement is missing is a
+    ValueError rather than megatron's error at model build:
+      rope        apply_rope_fusion: TE's fused RoPE kernel
+      swiglu      bias_activation_fusion: megatron's jit-fused (bias-free) SwiGLU, any device
+      grad_accum  gradient_accumulation_fusion: CUDA + apex's fused_weight_gradient_mlp_cuda (TE linears fuse the
+                  weight-gradient accumulation themselves, but GPTModel's output layer is megatron's own)
+    Not here, on purpose: masked_softmax_fusion (the TE spec runs attention in TE; the local spec's fused softmax
+    needs megatron's own CUDA kernels, absent from the NGC images); persist_layer_norm (apex's persistent
+    LayerNorm kernel, while Granite uses RMSNorm, which the TE spec already fuses into
+    TELayerNormColumnParallelLinear); bias_dropout_fusion (GraniteResidualBDA replaces megatron's bda).
+    """
+    supported = {"rope": te, "swiglu": True, "grad_accum": cuda and grad_accum_kernel}
+    needs = {"rope": "Transformer Engine", "swiglu": "", "grad_accum": "CUDA and apex's fused_weight_gradient_mlp_cuda"}
+    auto = {k: cuda and ok for k, ok in supported.items()}
+    if setting is None or setting == "auto":
+        return auto
+    if setting == "off":
+        return dict.fromkeys(FUSIONS, False)
+    if not isinstance(setting, dict):
+        raise ValueError(f"model.backend_options.fusions={setting!r}: use 'auto', 'off' or a mapping of {list(FUSIONS)}"
+                         " to true/false/'auto'")
+    unknown = sorted(set(setting) - set(FUSIONS))
+    if unknown:
+        raise ValueError(f"model.backend_options.fusions: unknown key(s) {unknown}; known {list(FUSIONS)}")
+    out = dict(auto)
+    for key, value in setting.items():
+        if value == "auto":
+            continue
+        if not isinstance(value, bool):
+            raise ValueError(f"model.backend_options.fusions.{key}={value!r}: use true, false or 'auto'")
+        if value and not supported[key]:
+            raise ValueError(f"model.backend_options.fusions.{key}=true needs {needs[key]}, which is not available here")
+        out[key] = value
+    return out
+
+
 def rope_theta(text_cfg) -> float:
     """RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5) or ``rope_theta`` (4.x configs)."""
     params = getattr(text_cfg, "rope_parameters", None) or {}
@@ -106,8 +158,11 @@ def transformer_config(
     fp8: str | None = None,
     fp8_recipe: str | None = None,
     use_te: bool | None = None,
+    fusions=None,
 ):
     """megatron ``TransformerConfig`` for a HF ``GraniteConfig`` (``text_config`` of Granite Speech).
+
+    ``fusions``: ``model.backend_options.fusions`` (see :func:`resolve_fusions`; default auto).
 
     Raises ValueError naming ``model.backend_options.fp8`` when FP8 is asked for without Transformer Engine, and naming the HF
     config field for Granite features this mapping does not cover.
@@ -129,6 +184,8 @@ def transformer_config(
         raise ValueError(f"text_config.hidden_act={text_cfg.hidden_act!r} (megatron mapping assumes silu)")
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     bf16 = params_dtype == torch.bfloat16
+    fused = resolve_fusions(fusions, cuda=torch.cuda.is_available(), te=use_te,
+                            grad_accum_kernel=grad_accum_kernel_available())
     return TransformerConfig(
         num_layers=text_cfg.num_hidden_layers,
         hidden_size=text_cfg.hidden_size,
@@ -153,12 +210,12 @@ def transformer_config(
         # perform_initialization stays on although every weight is then loaded from the HF checkpoint: in
         # megatron-core 0.16 it is also what tags TP-sharded weights (``tensor_model_parallel``), without which
         # the gradient norm counts each shard as a TP duplicate (wrong norm, wrong clipping)
-        # CPU/no-TE: fused kernels need CUDA/apex/TE or trigger long torch.compile warm-ups (stack facts)
+        # fusions: see resolve_fusions (on with CUDA where megatron-core supports them, off on CPU)
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fused["swiglu"],
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        apply_rope_fusion=fused["rope"],
+        gradient_accumulation_fusion=fused["grad_accum"],
         persist_layer_norm=False,
         fp8=fp8 or None,
         fp8_recipe=fp8_recipe or "delayed",
@@ -234,7 +291,7 @@ def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
 
 def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
               params_dtype: torch.dtype = torch.float32, fp8: str | None = None, fp8_recipe: str | None = None,
-              use_te: bool | None = None):
+              use_te: bool | None = None, fusions=None):
     """A Granite GPTModel shard for this TP rank (needs ``parallel.init_model_parallel`` first).
 
     The embedding returns FULL-sequence [S, B, H] (``scatter_embedding_sequence_parallel=False``): audio is spliced
@@ -244,7 +301,7 @@ def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool =
 
     use_te = have_te() if use_te is None else use_te
     config = transformer_config(text_cfg, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                                fp8_recipe, use_te)
+                                fp8_recipe, use_te, fusions)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, text_cfg.residual_multiplier, use_te),

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # distributed-optimizer state in the canonical per-parameter layout, so a checkpoint reshards over TP and DP
 _OPTIM_CKPT = {"distrib_optim_sharding_type": "fully_reshardable"}
-BACKEND_OPTIONS = ("fp8", "fp8_recipe", "use_distributed_optimizer", "params_dtype")
+BACKEND_OPTIONS = ("fp8", "fp8_recipe", "use_distributed_optimizer", "params_dtype", "fusions")
 
 
 class GraniteSpeechMegatron(torch.nn.Module):
@@ -118,7 +118,8 @@ class MegatronGraniteSpeechPolicy:
                         params_dtype: torch.dtype = torch.float32, freeze_encoder: bool = True,
                         train_projector: bool = True, train_llm: bool = True, lora: dict | None = None,
                         fp8: str | None = None, fp8_recipe: str | None = None, trainable: bool = True,
-                        use_distributed_optimizer: bool = True, seed: int = 0) -> "MegatronGraniteSpeechPolicy":
+                        use_distributed_optimizer: bool = True, seed: int = 0, fusions=None
+                        ) -> "MegatronGraniteSpeechPolicy":
         """Load a local HF Granite Speech dir, convert the LLM to megatron and keep this TP rank's shard.
 
         Initialises torch.distributed (torchrun env or a world of 1) and megatron's TP x DP groups.
@@ -149,7 +150,7 @@ class MegatronGraniteSpeechPolicy:
             module.load_state_dict(sub, strict=True)
         lora_merged = _merge_audio_lora(path, state)
         gpt = mm.build_gpt(config.text_config, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                           fp8_recipe)
+                           fp8_recipe, fusions=fusions)
         te = mm.have_te()
         full = convert.hf_to_megatron_full(state, config.text_config,
                                            mm.padded_vocab_size(config.text_config.vocab_size, tensor_parallel_size),
@@ -585,7 +586,7 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
 
     Reads model.path, tensor_parallel_size, sequence_parallel, freeze_encoder, train_projector, train_llm, lora,
     precision and ``model.backend_options`` (``fp8``, ``fp8_recipe``, ``use_distributed_optimizer``,
-    ``params_dtype``: "fp32"/"bf16"). The device is this rank's CUDA device when there is one, else CPU.
+    ``params_dtype``: "fp32"/"bf16", ``fusions``: see ``model.resolve_fusions``). The device is this rank's CUDA device when there is one, else CPU.
     """
     opts = dict(model_cfg.backend_options or {})
     unknown = sorted(set(opts) - set(BACKEND_OPTIONS))
@@ -594,6 +595,8 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if opts.get("params_dtype", "fp32") not in dtypes:
         raise ValueError(f"model.backend_options.params_dtype={opts['params_dtype']!r}; choose from {list(dtypes)}")
+    mm.resolve_fusions(opts.get("fusions"), cuda=torch.cuda.is_available(), te=mm.have_te(),  # fail before loading
+                       grad_accum_kernel=mm.grad_accum_kernel_available())
     return MegatronGraniteSpeechPolicy.from_pretrained(
         model_cfg.path, tensor_parallel_size=int(model_cfg.tensor_parallel_size),
         sequence_parallel=bool(model_cfg.sequence_parallel),
@@ -601,4 +604,5 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
         freeze_encoder=model_cfg.freeze_encoder, train_projector=model_cfg.train_projector,
         train_llm=model_cfg.train_llm, lora=model_cfg.lora if trainable else None,
         fp8=opts.get("fp8"), fp8_recipe=opts.get("fp8_recipe"), trainable=trainable,
-        use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed)
+        use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed,
+        fusions=opts.get("fusions"))
