@@ -118,7 +118,8 @@ class MegatronGraniteSpeechPolicy:
                         params_dtype: torch.dtype = torch.float32, freeze_encoder: bool = True,
                         train_projector: bool = True, train_llm: bool = True, lora: dict | None = None,
                         fp8: str | None = None, fp8_recipe: str | None = None, trainable: bool = True,
-                        use_distributed_optimizer: bool = True, seed: int = 0, fusions=None
+                        use_distributed_optimizer: bool = True, seed: int = 0, fusions=None,
+                        dist_timeout_minutes: float = parallel.DEFAULT_TIMEOUT_MINUTES
                         ) -> "MegatronGraniteSpeechPolicy":
         """Load a local HF Granite Speech dir, convert the LLM to megatron and keep this TP rank's shard.
 
@@ -136,7 +137,7 @@ class MegatronGraniteSpeechPolicy:
                              " a checkpoint's audio adapter is merged at load)")
         if not freeze_encoder:
             raise ValueError("model.freeze_encoder=false is not supported by the megatron backend")
-        parallel.init_model_parallel(tensor_parallel_size, seed=seed)
+        parallel.init_model_parallel(tensor_parallel_size, seed=seed, timeout_minutes=dist_timeout_minutes)
         config = GraniteSpeechConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         _ensure_distinct_pad(tokenizer, config.text_config.vocab_size)
@@ -580,8 +581,8 @@ def _gather_named(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainable: bool = True, seed: int = 0
-                 ) -> MegatronGraniteSpeechPolicy:
+def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainable: bool = True, seed: int = 0,
+                 dist_timeout_minutes: float = parallel.DEFAULT_TIMEOUT_MINUTES) -> MegatronGraniteSpeechPolicy:
     """``nemo_grpo.train.runtime`` factory entry: ``model.backend: megatron``.
 
     Reads model.path, tensor_parallel_size, sequence_parallel, freeze_encoder, train_projector, train_llm, lora,
@@ -605,4 +606,4 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
         train_llm=model_cfg.train_llm, lora=model_cfg.lora if trainable else None,
         fp8=opts.get("fp8"), fp8_recipe=opts.get("fp8_recipe"), trainable=trainable,
         use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed,
-        fusions=opts.get("fusions"))
+        fusions=opts.get("fusions"), dist_timeout_minutes=dist_timeout_minutes)
