@@ -16,17 +16,23 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.integration
-def test_decode_steps_keep_a_mask_type_that_honours_left_padding(tiny_model_dir, tmp_path):
-    """megatron-core 0.16 switches decode steps to ``no_mask``; TE then attends to the pad keys of shorter
-    prompts. Every call (prefill and each decode step) must reach core attention as ``arbitrary`` with its mask."""
-    out = tmp_path / "decode_mask.json"
+@pytest.fixture(scope="module")
+def decode_run(tiny_model_dir, tmp_path_factory):
+    """worker_decode_mask.py in one plain process (world of 1), ~10 s."""
+    out = tmp_path_factory.mktemp("decode_mask") / "decode_mask.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "worker_decode_mask.py"), tiny_model_dir, str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    res = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.integration
+def test_decode_steps_keep_a_mask_type_that_honours_left_padding(decode_run):
+    """megatron-core 0.16 switches decode steps to ``no_mask``; TE then attends to the pad keys of shorter
+    prompts. Every call (prefill and each decode step) must reach core attention as ``arbitrary`` with its mask."""
+    res = decode_run
     assert len(set(res["prompt_lengths"])) > 1  # left padding present
     decode = [c for c in res["calls"] if c["sq"] == 1 and c["sk"] > 1]
     prefill = [c for c in res["calls"] if c["sq"] > 1]
@@ -37,6 +43,17 @@ def test_decode_steps_keep_a_mask_type_that_honours_left_padding(tiny_model_dir,
         assert c["mask_shape"][1:] == [1, 1, c["sk"]] and c["masked_keys"] > 0, c
     assert res["generate_vs_score"] < 1e-5
     assert res["attention_class"] == "GraniteSelfAttention"
+
+
+@pytest.mark.integration
+def test_fp8_row_padding_leaves_fp32_results_unchanged(decode_run):
+    """With FP8's row multiple (16): prefill (prompts x prompt length), decode (samples) and scoring/training
+    forwards all hand GEMMs row counts that are multiples of 16, and the padding changes nothing in fp32."""
+    pad = decode_run["padded"]
+    assert pad["rows"] and all(r % 16 == 0 for r in pad["rows"]), pad["rows"]
+    assert min(pad["rows"]) == 16  # the decode steps: 4 samples padded to 16 rows
+    assert pad["same_tokens"]
+    assert pad["score_diff"] < 1e-5 and pad["generate_logprob_diff"] < 1e-5
 
 
 class FusedAdamLayout(torch.optim.Optimizer):
@@ -168,3 +185,40 @@ def test_fusions_is_a_known_backend_option_and_validated_before_loading():
                           tensor_parallel_size=1, sequence_parallel=False)
     with pytest.raises(ValueError, match=r"fusions\.rope=true needs Transformer Engine"):
         build_policy(cfg)
+
+
+@pytest.mark.parametrize("fp8,recipe", [("hybrid", None), ("e4m3", "delayed"), ("hybrid", "tensorwise"),
+                                        ("hybrid", "mxfp8"), ("e4m3", "blockwise"), (None, None)])
+def test_fp8_settings_megatron_0_16_knows_pass_with_te(fp8, recipe):
+    from nemo_grpo.policy.megatron.model import validate_fp8
+
+    validate_fp8(fp8, recipe, use_te=True)
+
+
+@pytest.mark.parametrize("fp8,recipe,match", [
+    ("e5m2", None, r"fp8='e5m2': choose from \['hybrid', 'e4m3'\]"),
+    (True, None, r"fp8=True: choose from"),
+    ("hybrid", "custom", r"fp8_recipe='custom': choose from \['delayed', 'tensorwise', 'mxfp8', 'blockwise'\]"),
+    (None, "delayed", r"fp8_recipe='delayed' without model.backend_options.fp8"),
+])
+def test_fp8_settings_are_validated(fp8, recipe, match):
+    from nemo_grpo.policy.megatron.model import validate_fp8
+
+    with pytest.raises(ValueError, match=match):
+        validate_fp8(fp8, recipe, use_te=True)
+
+
+@pytest.mark.parametrize("recipe", ["grpo_librisqa_8b_fp8", "grpo_covost2_8b_fp8"])
+def test_fp8_recipes_dry_run_and_refuse_to_build_without_te(recipe, capsys):
+    from nemo_grpo.cli import main
+    from nemo_grpo.policy.megatron import build_policy
+    from nemo_grpo.train.config import load_config
+
+    root = os.path.dirname(os.path.dirname(HERE))
+    path = os.path.join(root, "conf", recipe + ".yaml")
+    assert main(["train", "--config", path, "model.path=/ckpt", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"]["backend_options"]["fp8"] == "hybrid" and cfg["model"]["backend"] == "megatron"
+    model_cfg = load_config(path, ["model.path=/nonexistent"]).model
+    with pytest.raises(ValueError, match=r"'model\.backend_options\.fp8'='hybrid' needs Transformer Engine"):
+        build_policy(model_cfg)  # this machine has no TE: the error comes before any weights are read

@@ -42,12 +42,27 @@ def main(model_dir: str, out: str) -> None:
     ctx = pol.encode(batch)
     comp = pol.generate(ctx, 2, 4, generator=torch.Generator().manual_seed(0))
     lp, _ = pol.score(ctx, comp.token_ids, comp.group)
-    C.write_result(out, {
+    result = {
         "attention_class": type(pol.gpt.decoder.layers[0].self_attention).__name__,
         "prompt_lengths": batch.attention_mask.sum(1).tolist(),
         "calls": calls,
         "generate_vs_score": float((lp - comp.logprobs)[comp.mask].abs().max()),
-    })
+    }
+    # FP8 row padding (what pol.row_multiple is with FP8 on; TE itself cannot run here): same results in fp32,
+    # and every GEMM (the first layer's linear_qkv stands for all) sees a row count that is a multiple of 16
+    rows = []
+    pol.gpt.decoder.layers[0].self_attention.linear_qkv.register_forward_pre_hook(
+        lambda mod, args: rows.append(int(args[0].shape[0] * args[0].shape[1])))
+    pol.row_multiple = 16
+    comp16 = pol.generate(ctx, 2, 4, generator=torch.Generator().manual_seed(0))
+    lp16, _ = pol.score(ctx, comp.token_ids, comp.group)
+    result["padded"] = {
+        "rows": rows,
+        "score_diff": float((lp16 - lp)[comp.mask].abs().max()),
+        "same_tokens": bool(torch.equal(comp16.token_ids, comp.token_ids) and torch.equal(comp16.mask, comp.mask)),
+        "generate_logprob_diff": float((comp16.logprobs - comp.logprobs)[comp.mask].abs().max()),
+    }
+    C.write_result(out, result)
     parallel.destroy()
 
 

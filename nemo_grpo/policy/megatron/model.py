@@ -15,7 +15,9 @@ Mapping (HF ``GraniteForCausalLM`` -> megatron-core), each one checked against H
                                                           ``linear_qkv`` grouped per query group)
 
 Layer spec: megatron's local spec when Transformer Engine is not importable, the TE spec when
-``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.backend_options.fp8``) requires TE.
+``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.backend_options.fp8``, :func:`validate_fp8`) requires
+TE and covers the TE linears' GEMMs (QKV, attention projection, MLP); core attention, GPTModel's own LM head, norms
+and embeddings stay bf16/fp32; row counts are padded to FP8_ROW_MULTIPLE by the policy.
 Tensors inside megatron are sequence-first: [S, B, H]; the helpers here take/return batch-first [B, S, ...].
 """
 from __future__ import annotations
@@ -144,6 +146,30 @@ def resolve_fusions(setting=None, *, cuda: bool, te: bool, grad_accum_kernel: bo
     return out
 
 
+FP8_FORMATS = ("hybrid", "e4m3")  # megatron-core 0.16 TransformerConfig.fp8
+# megatron-core 0.16 Fp8Recipe, less "custom" (needs a user quantization factory); mxfp8 needs Blackwell GPUs
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_ROW_MULTIPLE = 16  # TE FP8 GEMMs need the flattened row count (tokens) to be a multiple of 8/16
+
+
+def validate_fp8(fp8, fp8_recipe, use_te: bool) -> None:
+    """``model.backend_options.fp8`` / ``fp8_recipe``: a known format and recipe, and Transformer Engine present."""
+    if fp8 is None:
+        if fp8_recipe is not None:
+            raise ValueError(f"model.backend_options.fp8_recipe={fp8_recipe!r} without model.backend_options.fp8; "
+                             f"set fp8 to one of {list(FP8_FORMATS)}")
+        return
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"model.backend_options.fp8={fp8!r}: choose from {list(FP8_FORMATS)} (or null for bf16)")
+    if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"model.backend_options.fp8_recipe={fp8_recipe!r}: choose from {list(FP8_RECIPES)}")
+    if not use_te:
+        raise ValueError(
+            f"config key 'model.backend_options.fp8'={fp8!r} needs Transformer Engine (megatron-core's TE layer "
+            "spec); it is not importable here. Use an NGC PyTorch container or set model.backend_options.fp8: null"
+        )
+
+
 def rope_theta(text_cfg) -> float:
     """RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5) or ``rope_theta`` (4.x configs)."""
     params = getattr(text_cfg, "rope_parameters", None) or {}
@@ -170,11 +196,7 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     use_te = have_te() if use_te is None else use_te
-    if fp8 and not use_te:
-        raise ValueError(
-            f"config key 'model.backend_options.fp8'={fp8!r} needs Transformer Engine (megatron-core's TE layer "
-            "spec); it is not importable here. Use an NGC PyTorch container or set model.backend_options.fp8: null"
-        )
+    validate_fp8(fp8, fp8_recipe, use_te)
     rope = getattr(text_cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r} is not supported")
@@ -347,11 +369,13 @@ def merged_decoder_input(gpt, embeds: torch.Tensor, embedding_multiplier: float)
     return x
 
 
-def pad_to_tp(length: int, tensor_parallel_size: int, sequence_parallel: bool) -> int:
-    """Sequence length rounded up so SP can split it evenly (extra positions go on the right: causal-safe)."""
-    if not sequence_parallel or tensor_parallel_size == 1:
-        return length
-    return -(-length // tensor_parallel_size) * tensor_parallel_size
+def pad_to_tp(length: int, tensor_parallel_size: int, sequence_parallel: bool, row_multiple: int = 1) -> int:
+    """Sequence length rounded up so SP can split it evenly and, with ``row_multiple`` (FP8:
+    FP8_ROW_MULTIPLE), so every GEMM's row count (this rank's sequence slice x batch) is a multiple of it.
+    Extra positions go on the right, as masked keys after every real one: causal-safe, results unchanged."""
+    split = tensor_parallel_size if sequence_parallel and tensor_parallel_size > 1 else 1
+    multiple = split * row_multiple
+    return -(-length // multiple) * multiple
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:

@@ -108,6 +108,9 @@ class MegatronGraniteSpeechPolicy:
         self.ddp = None
         self.optimizer = None
         self._max_grad_norm = 0.0
+        # rows every GEMM sees (tokens of a forward, prompts x prompt length in prefill, samples in decode) are
+        # padded to a multiple of this: TE's FP8 GEMMs need it; 1 (no padding) without FP8
+        self.row_multiple = mm.FP8_ROW_MULTIPLE if self.gpt.config.fp8 else 1
         if trainable and any(p.requires_grad for p in model.parameters()):
             self._wrap_ddp()
         self.eval()
@@ -212,7 +215,8 @@ class MegatronGraniteSpeechPolicy:
         """Full-sequence raw logits [N, L, V_pad/TP] for embeds [N, L, H] with key mask [N, L] (right-padded to a
         multiple of TP under sequence parallelism; the extra positions are masked keys after every real one)."""
         n, length = mask.shape
-        padded = mm.pad_to_tp(length, self.gpt.config.tensor_model_parallel_size, self.gpt.config.sequence_parallel)
+        padded = mm.pad_to_tp(length, self.gpt.config.tensor_model_parallel_size, self.gpt.config.sequence_parallel,
+                              self.row_multiple)
         if padded != length:
             embeds = torch.cat([embeds, embeds.new_zeros(n, padded - length, embeds.shape[-1])], 1)
             mask = torch.cat([mask, mask.new_zeros(n, padded - length)], 1)
@@ -241,28 +245,40 @@ class MegatronGraniteSpeechPolicy:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         gen = self._tp_synced_generator(generator)
-        bsz, p = ctx.batch.input_ids.shape
+        bsz, p_real = ctx.batch.input_ids.shape
         group = torch.arange(bsz, device=self.device).repeat_interleave(num_samples)  # [N]
-        infer = StaticInferenceContext(max_batch_size=len(group), max_sequence_length=p + max_new_tokens)
+        # row padding (FP8, see row_multiple): prompts get extra masked positions on the LEFT (prefill rows B x P;
+        # RoPE scores depend on relative positions only), and the decode batch extra rows that copy sample 0 and
+        # are dropped from every output (decode rows N)
+        p = -(-p_real // self.row_multiple) * self.row_multiple
+        n = len(group)
+        n_pad = -(-n // self.row_multiple) * self.row_multiple
+        cache_group = torch.cat([group, group[:1].expand(n_pad - n)])
+        infer = StaticInferenceContext(max_batch_size=n_pad, max_sequence_length=p + max_new_tokens)
         state: dict[str, torch.Tensor] = {}
 
         def prefill():
             mask = ctx.batch.attention_mask.bool()  # [B, P]
-            dec = mm.merged_decoder_input(self.gpt, self._prompt_embeds(ctx), self.embedding_multiplier)
+            embeds = self._prompt_embeds(ctx)
+            if p != p_real:
+                mask = torch.cat([mask.new_zeros(bsz, p - p_real), mask], 1)
+                embeds = torch.cat([embeds.new_zeros(bsz, p - p_real, embeds.shape[-1]), embeds], 1)
+            dec = mm.merged_decoder_input(self.gpt, embeds, self.embedding_multiplier)
             logits = mm.lm_logits(self.gpt, dec, mm.attention_mask_4d(mask), inference_context=infer)
             infer.sequence_len_offset += p
-            infer.swap_key_value_dict(group)  # rows 0..B-1 of the cache -> N rows, prompt-major
-            state["mask"] = mask[group]
+            infer.swap_key_value_dict(cache_group)  # rows 0..B-1 of the cache -> N (+pad) rows, prompt-major
+            state["mask"] = mask[cache_group]
             return logits[:, -1, : self.vocab_size][group], infer
 
         def step(tokens, cache, t):
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
-            emb = mm.text_embeddings(self.gpt, tokens.unsqueeze(1))  # [N, 1, H]
+            tokens = torch.cat([tokens, tokens[:1].expand(n_pad - n)])
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(n_pad, 1)], 1)
+            emb = mm.text_embeddings(self.gpt, tokens.unsqueeze(1))  # [N(+pad), 1, H]
             dec = mm.merged_decoder_input(self.gpt, emb, self.embedding_multiplier)
             logits = mm.lm_logits(self.gpt, dec, mm.attention_mask_4d(state["mask"], query_len=1),
                                   inference_context=infer)
             infer.sequence_len_offset += 1
-            return logits[:, -1, : self.vocab_size], cache
+            return logits[:n, -1, : self.vocab_size], cache
 
         with self._inference_mode():
             out = sample_tokens(prefill, step, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
@@ -593,6 +609,7 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
     unknown = sorted(set(opts) - set(BACKEND_OPTIONS))
     if unknown:
         raise ValueError(f"model.backend_options: unknown key(s) {unknown}; known {list(BACKEND_OPTIONS)}")
+    mm.validate_fp8(opts.get("fp8"), opts.get("fp8_recipe"), mm.have_te())  # fail before loading
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if opts.get("params_dtype", "fp32") not in dtypes:
         raise ValueError(f"model.backend_options.params_dtype={opts['params_dtype']!r}; choose from {list(dtypes)}")
