@@ -11,6 +11,12 @@ optimizer), after one untimed warm-up of each phase:
   score       no-grad scoring of those N = B*G completions (the old/reference log-prob pass): tokens / s
   train step  score with grad + a token-mean policy-gradient loss + backward over micro-batches + optimizer_step
               (clip 1.0, AdamW): tokens / s and MFU = 6 * N_dense * tokens + attention / s / peak
+  parity      (recorded, not timed) the bf16 numerics the GRPO ratio relies on:
+              ``generate_vs_score``: log-probs recorded while sampling vs ``score`` of the same tokens, over B prompts
+              of different audio lengths (left-padded; a decode step that ignored the pad mask shows here);
+              ``vs_hf``: megatron ``score`` of the HF backend's rollout tokens vs HF's own ``score`` (same random
+              checkpoint, each backend in its GPU mode). Max / mean abs over completion tokens; ``ok`` applies the
+              provisional bf16 tolerances PARITY_TOL (fp32 on CPU --smoke agrees to ~1e-6).
 N_dense = LLM transformer-layer parameters + V*H for the (tied) LM-head matmul; attention FLOPs
 12 * L * H * S/2 per trained token (causal average). Encoder/projector FLOPs are not counted (frozen encoder,
 small projector). tokens = prompt + completion tokens (every position is computed).
@@ -35,6 +41,8 @@ sys.path.insert(0, REPO)
 
 log = logging.getLogger("bench_gpu")
 
+# provisional bf16 tolerances (mean abs, max abs) of per-token log-probs; not yet calibrated on a GPU
+PARITY_TOL = {"generate_vs_score": (2e-2, 0.5), "vs_hf": (5e-2, 1.0)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s (SXM)
 
 
@@ -96,7 +104,8 @@ def prompt_batch(policy, n_prompts: int, audio_seconds: float):
     from nemo_grpo.policy.inputs import build_prompt_batch
 
     g = torch.Generator().manual_seed(0)
-    waves = [0.1 * torch.randn(int(16000 * audio_seconds * (1.0 - 0.05 * (i % 4))), generator=g)
+    # 10% steps in audio length: prompts left-padded to different lengths (5% steps tied at 1 s of --smoke audio)
+    waves = [0.1 * torch.randn(int(16000 * audio_seconds * (1.0 - 0.1 * (i % 4))), generator=g)
              for i in range(n_prompts)]
     return build_prompt_batch(policy.tokenizer, waves, ["<|audio|> answer the question about the audio"] * n_prompts,
                               ["ref"] * n_prompts, [f"p{i}" for i in range(n_prompts)], policy.config,
@@ -184,6 +193,33 @@ def time_train_step(policy, kind, ctx, comps, args, device) -> dict:
             "loss": float(loss.detach())}
 
 
+def logprob_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, tol: tuple[float, float]) -> dict:
+    d = (a.float().cpu() - b.float().cpu())[mask.bool().cpu()].abs()
+    out = {"max_abs": float(d.max()) if d.numel() else 0.0, "mean_abs": float(d.mean()) if d.numel() else 0.0,
+           "tokens": int(d.numel())}
+    out["ok"] = out["mean_abs"] <= tol[0] and out["max_abs"] <= tol[1]
+    return out
+
+
+def parity(policy, kind, ctx, comps, args, device, shared: dict) -> dict:
+    """See ``parity`` in the module docstring. ``shared`` carries the HF rollout to the megatron backends."""
+    res = {"prompt_lengths": sorted(set(ctx.batch.attention_mask.sum(1).tolist()))}
+    with autocast(kind, device), torch.no_grad():
+        lp = torch.cat([policy.score(ctx, comps.token_ids[sl], comps.group[sl])[0]
+                        for sl in slices(len(comps), args.micro_batch)])
+    res["generate_vs_score"] = logprob_diff(comps.logprobs, lp, comps.mask, PARITY_TOL["generate_vs_score"])
+    if kind == "hf":
+        shared["hf"] = {"token_ids": comps.token_ids.cpu(), "group": comps.group.cpu(), "mask": comps.mask.cpu(),
+                        "logprobs": lp.cpu()}
+    elif "hf" in shared:
+        ref = shared["hf"]
+        with autocast(kind, device), torch.no_grad():
+            lp = torch.cat([policy.score(ctx, ref["token_ids"][sl], ref["group"][sl])[0]
+                            for sl in slices(len(ref["group"]), args.micro_batch)])
+        res["vs_hf"] = logprob_diff(ref["logprobs"], lp, ref["mask"], PARITY_TOL["vs_hf"])
+    return res
+
+
 def flops(info: dict, cfg, seq_len: int) -> tuple[float, float]:
     """(train FLOPs per token, decode FLOPs per token) of the LLM (see the module docstring)."""
     t = cfg.text_config
@@ -199,7 +235,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def bench_backend(kind: str, model_dir: str, info: dict, args, device) -> dict:
+def bench_backend(kind: str, model_dir: str, info: dict, args, device, shared: dict | None = None) -> dict:
     t0 = time.perf_counter()
     policy = build_policy(kind, model_dir, device)
     policy.configure_optimizer(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=1.0)
@@ -210,6 +246,7 @@ def bench_backend(kind: str, model_dir: str, info: dict, args, device) -> dict:
     time_rollout(policy, kind, batch, args, device)  # warm-up (kernels, allocator, caches)
     res["rollout"], (ctx, comps) = time_rollout(policy, kind, batch, args, device)
     res["score"] = time_score(policy, kind, ctx, comps, args, device)
+    res["parity"] = parity(policy, kind, ctx, comps, args, device, {} if shared is None else shared)
     time_train_step(policy, kind, ctx, comps, args, device)  # warm-up (optimizer state allocation)
     steps = [time_train_step(policy, kind, ctx, comps, args, device) for _ in range(args.steps)]
     res["train_step"] = {"s_mean": sum(s["s"] for s in steps) / len(steps),
@@ -276,6 +313,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     model_dir = os.path.join(args.out if args.smoke else os.environ.get("TMPDIR", "/tmp"), "granite_speech_random")
     report = {"args": vars(args), "environment": environment(device), "results": {}, "errors": {}}
+    shared: dict = {}  # the HF rollout, scored again by the megatron backends (parity.vs_hf)
     report["model"] = make_model_dir(model_dir, args.smoke, device)
     for kind in [k for k in args.backends.split(",") if k]:
         if time.perf_counter() - t_start > args.deadline_s:
@@ -283,7 +321,7 @@ def main(argv=None) -> int:
             continue
         log.info("benchmarking %s", kind)
         try:
-            report["results"][kind] = bench_backend(kind, model_dir, report["model"], args, device)
+            report["results"][kind] = bench_backend(kind, model_dir, report["model"], args, device, shared)
             log.info("%s: %s", kind, json.dumps(report["results"][kind]))
         except Exception:
             report["errors"][kind] = traceback.format_exc()[-4000:]
@@ -293,6 +331,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         write(report, args.out)
     report["wall_s"] = time.perf_counter() - t_start
+    # listed, not fatal: the tolerances are provisional until calibrated on a GPU (benchmarks/RESULTS.md)
+    report["parity_failures"] = [f"{kind}.{name}" for kind, r in report["results"].items()
+                                 for name, v in r.get("parity", {}).items() if isinstance(v, dict) and not v["ok"]]
     write(report, args.out)
     return 0 if not report["errors"] else 1
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the megatron-core backend (and the HF backend beside it): ONE command, <= 8 minutes on one H100,
-# no network. Times a train step and a rollout of a 2B-shaped random Granite Speech in bf16 and writes
+# no network. Times a train step and a rollout of a 2B-shaped random Granite Speech in bf16 (HF and megatron, with
+# bf16 parity checks: generate vs score on left-padded prompts, megatron vs HF log-probs; MFU) and writes
 # $OUT/gpu_check.json (see benchmarks/bench_gpu.py for what is measured and how MFU is counted).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (OUT defaults to benchmarks/results/gpu_check)

@@ -91,11 +91,12 @@ def decode_checkpoints(args: argparse.Namespace, models: dict[str, str]) -> tupl
     for name, path in models.items():
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"--model {name}={path}: not a HF checkpoint dir (no config.json)")
-    runtime.init_distributed_from_env()  # under torchrun the split is decoded once, sharded over the ranks
     overrides = list(args.overrides)
     if not any(o.startswith("model.path=") for o in overrides):
         overrides.append(f"model.path={next(iter(models.values()))}")  # validation wants one; each row sets its own
     cfg = load_config(args.config, overrides)
+    # under torchrun the split is decoded once, sharded over the ranks
+    runtime.init_distributed_from_env(cfg.trainer.dist_timeout_minutes)
     records = {name: decode_model(cfg, path, args.split, args.max_batches) for name, path in models.items()}
     rank0 = runtime.world()[0] == 0
     if rank0:

@@ -84,6 +84,9 @@ class TrainerConfig:
     save_every: int = 100  # 0 = only the final checkpoint
     keep_last: int = 2  # step checkpoints kept (the best model is kept separately)
     test_at_end: bool = True  # decode the test split with the best model and write outputs + the table
+    # torch.distributed / megatron process-group timeout: long enough for rank 0 to write a ~130 GB (8B + optimizer)
+    # checkpoint or HF export while the other ranks wait in a collective (torch's default is 10-30 min)
+    dist_timeout_minutes: float = 120.0
 
 
 @dataclass
@@ -248,6 +251,7 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     positive("trainer.val_every", t.val_every, allow_zero=True)
     positive("trainer.save_every", t.save_every, allow_zero=True)
     positive("trainer.keep_last", t.keep_last)
+    positive("trainer.dist_timeout_minutes", t.dist_timeout_minutes)
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise ValueError(f"config key 'resume' must be auto, never or an existing checkpoint dir, got {cfg.resume!r}")
 

@@ -8,6 +8,7 @@ ranks of one DP replica (tensor-parallel peers) see identical data, so a SUM ove
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import math
@@ -34,8 +35,11 @@ BACKENDS: dict[str, str] = {
 # ------------------------------------------------------------------------------------------- distributed -------
 
 
-def init_distributed_from_env() -> None:
-    """Create the default process group when launched by torchrun with WORLD_SIZE > 1 (idempotent)."""
+def init_distributed_from_env(timeout_minutes: float = 120.0) -> None:
+    """Create the default process group when launched by torchrun with WORLD_SIZE > 1 (idempotent).
+
+    ``timeout_minutes`` (``trainer.dist_timeout_minutes``): how long a collective may wait, e.g. for rank 0
+    writing a checkpoint; torch's default would abort a multi-node 8B run at its first checkpoint."""
     import torch.distributed as dist
 
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -43,7 +47,18 @@ def init_distributed_from_env() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def layout_summary(model_cfg: Any, world_size: int, dp_size: int) -> str:
+    """One line for the start of a run: how the world is split and which numerics it trains with."""
+    opts = dict(getattr(model_cfg, "backend_options", None) or {})
+    tp = world_size // max(dp_size, 1)
+    sp = bool(getattr(model_cfg, "sequence_parallel", False)) and tp > 1
+    fp8 = opts.get("fp8")
+    fp8_text = f"{fp8} ({opts.get('fp8_recipe') or 'delayed'} recipe)" if fp8 else "off"
+    return (f"layout: backend {model_cfg.backend}, world {world_size} = TP {tp} x DP {dp_size}, "
+            f"sequence parallel {'on' if sp else 'off'}, FP8 {fp8_text}, precision {model_cfg.precision}")
 
 
 def world() -> tuple[int, int]:
@@ -119,7 +134,7 @@ def autocast(enabled: bool) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: int) -> Policy:
+def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: int, **_groups) -> Policy:
     from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
 
     return HFGraniteSpeechPolicy.from_pretrained(
@@ -130,9 +145,11 @@ def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: in
         lora=model_cfg.lora if trainable else None)
 
 
-def build_policy(model_cfg: Any, *, trainable: bool = True, seed: int = 0) -> Policy:
+def build_policy(model_cfg: Any, *, trainable: bool = True, seed: int = 0,
+                 dist_timeout_minutes: float | None = None) -> Policy:
     """The one policy factory: ``model_cfg.backend`` -> a ``Policy``. ``trainable=False`` builds a frozen copy
-    (the KL reference, evaluation). Weights are fp32 masters; bf16 is autocast by the recipe on GPU."""
+    (the KL reference, evaluation). Weights are fp32 masters; bf16 is autocast by the recipe on GPU.
+    ``dist_timeout_minutes`` (``trainer.dist_timeout_minutes``) reaches backends that create process groups."""
     import importlib
 
     if model_cfg.backend not in BACKENDS:
@@ -141,7 +158,8 @@ def build_policy(model_cfg: Any, *, trainable: bool = True, seed: int = 0) -> Po
         raise ValueError(f"config key 'model.path': {model_cfg.path!r} is not a directory")
     mod, _, fn = BACKENDS[model_cfg.backend].partition(":")
     builder = getattr(importlib.import_module(mod), fn)
-    policy = builder(model_cfg, device=pick_device(model_cfg.device), trainable=trainable, seed=seed)
+    extra = {} if dist_timeout_minutes is None else {"dist_timeout_minutes": dist_timeout_minutes}
+    policy = builder(model_cfg, device=pick_device(model_cfg.device), trainable=trainable, seed=seed, **extra)
     if not trainable:
         for p in policy.trainable_parameters():
             p.requires_grad_(False)

@@ -36,13 +36,16 @@ class TrainSession:
         self.cfg = cfg
         self.t_start = time.perf_counter()
         self.cpu_start = time.process_time()  # this process's CPU seconds: a compute measure robust to other load
-        runtime.init_distributed_from_env()
-        self.rank, _ = runtime.world()
+        runtime.init_distributed_from_env(cfg.trainer.dist_timeout_minutes)
+        self.rank, world_size = runtime.world()
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.policy = runtime.build_policy(cfg.model, trainable=True, seed=cfg.seed)
+        self.policy = runtime.build_policy(cfg.model, trainable=True, seed=cfg.seed,
+                                           dist_timeout_minutes=cfg.trainer.dist_timeout_minutes)
         self.dp_rank, self.dp_size = self.policy.data_parallel()
+        if self.rank == 0:
+            log.info("%s", runtime.layout_summary(cfg.model, world_size, self.dp_size))
         o = cfg.optim
         self.policy.configure_optimizer(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                                         max_grad_norm=o.max_grad_norm)

@@ -27,3 +27,11 @@ def test_gpu_check_smoke(tmp_path):
     hf, mg = res["hf"]["train_step"], res["megatron"]["train_step"]
     assert abs(hf["losses"][0] - mg["losses"][0]) < 1e-5
     assert abs(hf["grad_norms"][0] - mg["grad_norms"][0]) < 1e-5 * max(1.0, hf["grad_norms"][0])
+    # parity section (the GPU run's bf16 checks), at fp32 here: left-padded prompts of different lengths, the
+    # sampled log-probs equal score's, and megatron scores HF's rollout as HF does
+    par = res["megatron"]["parity"]
+    assert len(par["prompt_lengths"]) > 1
+    assert par["generate_vs_score"]["tokens"] > 0 and par["generate_vs_score"]["max_abs"] < 1e-4
+    assert res["hf"]["parity"]["generate_vs_score"]["max_abs"] < 1e-4
+    assert par["vs_hf"]["tokens"] > 0 and par["vs_hf"]["max_abs"] < 1e-4
+    assert "vs_hf" in res["megatron_bf16"]["parity"] and "parity_failures" in report

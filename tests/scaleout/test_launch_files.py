@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -151,3 +152,32 @@ def test_guide_names_only_existing_files_and_options():
         assert os.path.isfile(os.path.join(ROOT, p)), p
     for option in set(re.findall(r"\+scale_out=(nodes_\d+)", doc)):
         assert os.path.isfile(os.path.join(ROOT, "conf", "scale_out", option + ".yaml")), option
+
+
+CHECK_STACK = os.path.join(ROOT, "scripts", "docker", "check_stack.py")
+
+
+@pytest.mark.parametrize("version,ok", [
+    ("0.16.0rc0", True), ("0.16.0", True), ("0.16.1", True), ("0.16.0.dev0+abc123", True), ("0.17.0", True),
+    ("0.15.0", False), ("0.15.0rc1", False), ("0.15.2.dev0", False),
+])
+def test_dockerfile_megatron_core_check_accepts_016_release_candidates(version, ok):
+    """The build's own version check, run as the Dockerfile runs it (a python subprocess): NGC images carry
+    rc/dev strings, and PEP 440 orders 0.16.0rc0 before 0.16 (a plain Version comparison refused it)."""
+    res = subprocess.run([sys.executable, CHECK_STACK, "--megatron-core", version], capture_output=True, text=True,
+                         timeout=60)
+    assert (res.returncode == 0) == ok, res.stdout + res.stderr
+
+
+def test_dockerfile_base_ships_megatron_core_016_and_pins_hub_for_transformers():
+    text = open(os.path.join(ROOT, "Dockerfile")).read()
+    logical = text.replace("\\\n", " ")
+    base = re.search(r"^ARG BASE_IMAGE=nvcr\.io/nvidia/nemo:(\d\d)\.(\d\d)", text, re.M)
+    assert (int(base.group(1)), int(base.group(2))) >= (26, 2)  # 25.11 ships megatron-core 0.15
+    assert "python scripts/docker/check_stack.py" in logical
+    assert "Version(mc) >= Version(" not in logical  # the rc-refusing comparison is gone
+    install = next(line for line in re.findall(r"pip install ([^&]*)", logical) if "transformers==" in line)
+    assert "transformers==5.23.0" in install and "'huggingface-hub>=1.31,<3'" in install
+    assert "'tokenizers>=0.23.1,<0.24'" in install
+    frozen = re.search(r"grep -iE '\^\(([^)]*)\)'", logical).group(1).split("|")
+    assert not any(p.startswith(("huggingface", "tokenizers", "safetensors")) for p in frozen)

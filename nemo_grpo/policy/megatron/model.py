@@ -15,12 +15,15 @@ Mapping (HF ``GraniteForCausalLM`` -> megatron-core), each one checked against H
                                                           ``linear_qkv`` grouped per query group)
 
 Layer spec: megatron's local spec when Transformer Engine is not importable, the TE spec when
-``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.backend_options.fp8``) requires TE.
+``megatron.core.extensions.transformer_engine.HAVE_TE``; FP8 (``model.backend_options.fp8``, :func:`validate_fp8`) requires
+TE and covers the TE linears' GEMMs (QKV, attention projection, MLP); core attention, GPTModel's own LM head, norms
+and embeddings stay bf16/fp32; row counts are padded to FP8_ROW_MULTIPLE by the policy.
 Tensors inside megatron are sequence-first: [S, B, H]; the helpers here take/return batch-first [B, S, ...].
 """
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import replace
 
@@ -91,6 +94,82 @@ class GraniteResidualBDA:
         return bda
 
 
+FUSIONS = ("rope", "swiglu", "grad_accum")  # keys of model.backend_options.fusions (a mapping form)
+
+
+def grad_accum_kernel_available() -> bool:
+    """megatron's ColumnParallelLinear (GPTModel's output layer even under the TE spec) refuses
+    ``gradient_accumulation_fusion`` without apex's ``fused_weight_gradient_mlp_cuda`` extension."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def resolve_fusions(setting=None, *, cuda: bool, te: bool, grad_accum_kernel: bool) -> dict[str, bool]:
+    """``model.backend_options.fusions`` -> {"rope", "swiglu", "grad_accum": bool} for this machine.
+
+    ``"auto"`` (default, also None): every fusion megatron-core 0.16 supports here when CUDA is present, none on
+    CPU (there they only add torch.compile warm-ups of 5-37 s, or need CUDA extensions). ``"off"``: none. A
+    mapping overrides single keys (true / false / "auto"); true for a fusion whose requirement is missing is a
+    ValueError rather than megatron's error at model build:
+      rope        apply_rope_fusion: TE's fused RoPE kernel
+      swiglu      bias_activation_fusion: megatron's jit-fused (bias-free) SwiGLU, any device
+      grad_accum  gradient_accumulation_fusion: CUDA + apex's fused_weight_gradient_mlp_cuda (TE linears fuse the
+                  weight-gradient accumulation themselves, but GPTModel's output layer is megatron's own)
+    Not here, on purpose: masked_softmax_fusion (the TE spec runs attention in TE; the local spec's fused softmax
+    needs megatron's own CUDA kernels, absent from the NGC images); persist_layer_norm (apex's persistent
+    LayerNorm kernel, while Granite uses RMSNorm, which the TE spec already fuses into
+    TELayerNormColumnParallelLinear); bias_dropout_fusion (GraniteResidualBDA replaces megatron's bda).
+    """
+    supported = {"rope": te, "swiglu": True, "grad_accum": cuda and grad_accum_kernel}
+    needs = {"rope": "Transformer Engine", "swiglu": "", "grad_accum": "CUDA and apex's fused_weight_gradient_mlp_cuda"}
+    auto = {k: cuda and ok for k, ok in supported.items()}
+    if setting is None or setting == "auto":
+        return auto
+    if setting == "off":
+        return dict.fromkeys(FUSIONS, False)
+    if not isinstance(setting, dict):
+        raise ValueError(f"model.backend_options.fusions={setting!r}: use 'auto', 'off' or a mapping of {list(FUSIONS)}"
+                         " to true/false/'auto'")
+    unknown = sorted(set(setting) - set(FUSIONS))
+    if unknown:
+        raise ValueError(f"model.backend_options.fusions: unknown key(s) {unknown}; known {list(FUSIONS)}")
+    out = dict(auto)
+    for key, value in setting.items():
+        if value == "auto":
+            continue
+        if not isinstance(value, bool):
+            raise ValueError(f"model.backend_options.fusions.{key}={value!r}: use true, false or 'auto'")
+        if value and not supported[key]:
+            raise ValueError(f"model.backend_options.fusions.{key}=true needs {needs[key]}, which is not available here")
+        out[key] = value
+    return out
+
+
+FP8_FORMATS = ("hybrid", "e4m3")  # megatron-core 0.16 TransformerConfig.fp8
+# megatron-core 0.16 Fp8Recipe, less "custom" (needs a user quantization factory); mxfp8 needs Blackwell GPUs
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_ROW_MULTIPLE = 16  # TE FP8 GEMMs need the flattened row count (tokens) to be a multiple of 8/16
+
+
+def validate_fp8(fp8, fp8_recipe, use_te: bool) -> None:
+    """``model.backend_options.fp8`` / ``fp8_recipe``: a known format and recipe, and Transformer Engine present."""
+    if fp8 is None:
+        if fp8_recipe is not None:
+            raise ValueError(f"model.backend_options.fp8_recipe={fp8_recipe!r} without model.backend_options.fp8; "
+                             f"set fp8 to one of {list(FP8_FORMATS)}")
+        return
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"model.backend_options.fp8={fp8!r}: choose from {list(FP8_FORMATS)} (or null for bf16)")
+    if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"model.backend_options.fp8_recipe={fp8_recipe!r}: choose from {list(FP8_RECIPES)}")
+    if not use_te:
+        raise ValueError(
+            f"config key 'model.backend_options.fp8'={fp8!r} needs Transformer Engine (megatron-core's TE layer "
+            "spec); it is not importable here. Use an NGC PyTorch container or set model.backend_options.fp8: null"
+        )
+
+
 def rope_theta(text_cfg) -> float:
     """RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5) or ``rope_theta`` (4.x configs)."""
     params = getattr(text_cfg, "rope_parameters", None) or {}
@@ -105,8 +184,11 @@ def transformer_config(
     fp8: str | None = None,
     fp8_recipe: str | None = None,
     use_te: bool | None = None,
+    fusions=None,
 ):
     """megatron ``TransformerConfig`` for a HF ``GraniteConfig`` (``text_config`` of Granite Speech).
+
+    ``fusions``: ``model.backend_options.fusions`` (see :func:`resolve_fusions`; default auto).
 
     Raises ValueError naming ``model.backend_options.fp8`` when FP8 is asked for without Transformer Engine, and naming the HF
     config field for Granite features this mapping does not cover.
@@ -114,11 +196,7 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     use_te = have_te() if use_te is None else use_te
-    if fp8 and not use_te:
-        raise ValueError(
-            f"config key 'model.backend_options.fp8'={fp8!r} needs Transformer Engine (megatron-core's TE layer "
-            "spec); it is not importable here. Use an NGC PyTorch container or set model.backend_options.fp8: null"
-        )
+    validate_fp8(fp8, fp8_recipe, use_te)
     rope = getattr(text_cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r} is not supported")
@@ -128,6 +206,8 @@ def transformer_config(
         raise ValueError(f"text_config.hidden_act={text_cfg.hidden_act!r} (megatron mapping assumes silu)")
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     bf16 = params_dtype == torch.bfloat16
+    fused = resolve_fusions(fusions, cuda=torch.cuda.is_available(), te=use_te,
+                            grad_accum_kernel=grad_accum_kernel_available())
     return TransformerConfig(
         num_layers=text_cfg.num_hidden_layers,
         hidden_size=text_cfg.hidden_size,
@@ -152,16 +232,59 @@ def transformer_config(
         # perform_initialization stays on although every weight is then loaded from the HF checkpoint: in
         # megatron-core 0.16 it is also what tags TP-sharded weights (``tensor_model_parallel``), without which
         # the gradient norm counts each shard as a TP duplicate (wrong norm, wrong clipping)
-        # CPU/no-TE: fused kernels need CUDA/apex/TE or trigger long torch.compile warm-ups (stack facts)
+        # fusions: see resolve_fusions (on with CUDA where megatron-core supports them, off on CPU)
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fused["swiglu"],
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        apply_rope_fusion=fused["rope"],
+        gradient_accumulation_fusion=fused["grad_accum"],
         persist_layer_norm=False,
         fp8=fp8 or None,
         fp8_recipe=fp8_recipe or "delayed",
     )
+
+
+@functools.cache
+def granite_self_attention_class():
+    """megatron ``SelfAttention`` that keeps honouring an explicit attention mask on KV-cache decode steps.
+
+    megatron-core 0.16's ``_adjust_key_value_for_inference`` switches the mask type to ``no_mask`` on every decode
+    step (static batching, ``sequence_len_offset > 0``, not training). Transformer Engine then ignores the mask it is
+    given, so with left-padded prompts the new token attends to the pad positions of shorter prompts and the
+    log-probs recorded while sampling (pi_old) disagree with ``score``. megatron's local attention applies the mask
+    whatever the type says, so CPU runs never showed it. Here a decode step that was passed a mask keeps
+    ``arbitrary`` (our masks are explicit [B, 1, Sq, Sk] tensors: causal | pad key). Built lazily: importing this
+    module does not import megatron-core.
+    """
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class GraniteSelfAttention(SelfAttention):
+        def forward(self, hidden_states, attention_mask, *args, **kwargs):
+            self._granite_mask_given = attention_mask is not None
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+        def _adjust_key_value_for_inference(self, *args, **kwargs):
+            query, key, value, rotary_pos_emb, mask_type, block_table = super()._adjust_key_value_for_inference(
+                *args, **kwargs)
+            if mask_type == AttnMaskType.no_mask and getattr(self, "_granite_mask_given", False):
+                mask_type = AttnMaskType.arbitrary
+            return query, key, value, rotary_pos_emb, mask_type, block_table
+
+    return GraniteSelfAttention
+
+
+def _masked_self_attention(layer) -> None:
+    """Both specs (TE and local): :func:`granite_self_attention_class` with ``attn_mask_type=arbitrary``.
+
+    Left-padded prompts need the explicit [B, 1, Sq, Sk] mask (causal | pad key) on every step: TE's implicit
+    ``causal`` ignores a mask, and so does megatron's fused upper-triangular softmax (local spec with
+    ``masked_softmax_fusion`` on a GPU), so neither spec may run with ``causal``."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attn = layer.submodules.self_attention
+    attn.module = granite_self_attention_class()
+    attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.arbitrary}
 
 
 def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
@@ -174,11 +297,8 @@ def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
     bda = ModuleSpec(module=GraniteResidualBDA, params={"multiplier": residual_multiplier})
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
-        from megatron.core.transformer.enums import AttnMaskType
 
         layer = copy.deepcopy(specs.get_gpt_layer_with_transformer_engine_spec())
-        # left-padded prompts: an explicit [B, 1, S, S] mask (causal | pad key) instead of TE's implicit causal
-        layer.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.arbitrary}
         final_norm = TENorm
     else:
         layer = copy.deepcopy(specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -187,12 +307,13 @@ def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
         )
         final_norm = GraniteRMSNorm
     layer.submodules = replace(layer.submodules, self_attn_bda=bda, mlp_bda=bda)
+    _masked_self_attention(layer)
     return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=final_norm)
 
 
 def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
               params_dtype: torch.dtype = torch.float32, fp8: str | None = None, fp8_recipe: str | None = None,
-              use_te: bool | None = None):
+              use_te: bool | None = None, fusions=None):
     """A Granite GPTModel shard for this TP rank (needs ``parallel.init_model_parallel`` first).
 
     The embedding returns FULL-sequence [S, B, H] (``scatter_embedding_sequence_parallel=False``): audio is spliced
@@ -202,7 +323,7 @@ def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool =
 
     use_te = have_te() if use_te is None else use_te
     config = transformer_config(text_cfg, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                                fp8_recipe, use_te)
+                                fp8_recipe, use_te, fusions)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, text_cfg.residual_multiplier, use_te),
@@ -248,11 +369,13 @@ def merged_decoder_input(gpt, embeds: torch.Tensor, embedding_multiplier: float)
     return x
 
 
-def pad_to_tp(length: int, tensor_parallel_size: int, sequence_parallel: bool) -> int:
-    """Sequence length rounded up so SP can split it evenly (extra positions go on the right: causal-safe)."""
-    if not sequence_parallel or tensor_parallel_size == 1:
-        return length
-    return -(-length // tensor_parallel_size) * tensor_parallel_size
+def pad_to_tp(length: int, tensor_parallel_size: int, sequence_parallel: bool, row_multiple: int = 1) -> int:
+    """Sequence length rounded up so SP can split it evenly and, with ``row_multiple`` (FP8:
+    FP8_ROW_MULTIPLE), so every GEMM's row count (this rank's sequence slice x batch) is a multiple of it.
+    Extra positions go on the right, as masked keys after every real one: causal-safe, results unchanged."""
+    split = tensor_parallel_size if sequence_parallel and tensor_parallel_size > 1 else 1
+    multiple = split * row_multiple
+    return -(-length // multiple) * multiple
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:

@@ -23,7 +23,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
+DEFAULT_TIMEOUT_MINUTES = 120.0  # = trainer.dist_timeout_minutes' default (rank 0 writing an 8B checkpoint)
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Create the default process group once (idempotent)."""
     import torch.distributed as dist
 
@@ -36,11 +39,15 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def init_model_parallel(tensor_parallel_size: int, seed: int = 0) -> None:
+def init_model_parallel(tensor_parallel_size: int, seed: int = 0,
+                        timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Initialise TP x DP groups (megatron ``parallel_state``) and the model-parallel RNG states.
+
+    ``timeout_minutes`` (``trainer.dist_timeout_minutes``) for the default group when it is created here and for
+    megatron's TP/DP groups (NCCL and the gloo groups megatron adds), which otherwise time out after 30 min.
 
     Raises ValueError (naming ``model.tensor_parallel_size``) when the world size is not a multiple of it.
     Re-initialising with the same TP size is a no-op; a different size re-creates the groups.
@@ -49,7 +56,7 @@ def init_model_parallel(tensor_parallel_size: int, seed: int = 0) -> None:
     from megatron.core import parallel_state
 
     cpu_shims.apply()
-    init_distributed()
+    init_distributed(timeout_minutes)
     world = dist.get_world_size()
     if tensor_parallel_size < 1 or world % tensor_parallel_size:
         raise ValueError(
@@ -59,7 +66,8 @@ def init_model_parallel(tensor_parallel_size: int, seed: int = 0) -> None:
         if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size:
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                             distributed_timeout_minutes=max(1, round(timeout_minutes)))
     cpu_shims.seed_model_parallel(seed)
     logger.info(
         "megatron parallel state: world %d = TP %d x DP %d", world, tensor_parallel_size,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # distributed-optimizer state in the canonical per-parameter layout, so a checkpoint reshards over TP and DP
 _OPTIM_CKPT = {"distrib_optim_sharding_type": "fully_reshardable"}
 DEFAULT_SHARD_BYTES = 4 * 1024**3  # HF export shard size (streamed: memory does not depend on it)
-BACKEND_OPTIONS = ("fp8", "fp8_recipe", "use_distributed_optimizer", "params_dtype")
+BACKEND_OPTIONS = ("fp8", "fp8_recipe", "use_distributed_optimizer", "params_dtype", "fusions")
 
 
 class GraniteSpeechMegatron(torch.nn.Module):
@@ -68,6 +68,9 @@ class MegatronGraniteSpeechPolicy:
         self.ddp = None
         self.optimizer = None
         self._max_grad_norm = 0.0
+        # rows every GEMM sees (tokens of a forward, prompts x prompt length in prefill, samples in decode) are
+        # padded to a multiple of this: TE's FP8 GEMMs need it; 1 (no padding) without FP8
+        self.row_multiple = mm.FP8_ROW_MULTIPLE if self.gpt.config.fp8 else 1
         if trainable and any(p.requires_grad for p in model.parameters()):
             self._wrap_ddp()
         self.eval()
@@ -78,7 +81,9 @@ class MegatronGraniteSpeechPolicy:
                         params_dtype: torch.dtype = torch.float32, freeze_encoder: bool = True,
                         train_projector: bool = True, train_llm: bool = True, lora: dict | None = None,
                         fp8: str | None = None, fp8_recipe: str | None = None, trainable: bool = True,
-                        use_distributed_optimizer: bool = True, seed: int = 0) -> "MegatronGraniteSpeechPolicy":
+                        use_distributed_optimizer: bool = True, seed: int = 0, fusions=None,
+                        dist_timeout_minutes: float = parallel.DEFAULT_TIMEOUT_MINUTES
+                        ) -> "MegatronGraniteSpeechPolicy":
         """Load a local HF Granite Speech dir, convert the LLM to megatron and keep this TP rank's shard.
 
         Initialises torch.distributed (torchrun env or a world of 1) and megatron's TP x DP groups.
@@ -95,7 +100,7 @@ class MegatronGraniteSpeechPolicy:
                              " a checkpoint's audio adapter is merged at load)")
         if not freeze_encoder:
             raise ValueError("model.freeze_encoder=false is not supported by the megatron backend")
-        parallel.init_model_parallel(tensor_parallel_size, seed=seed)
+        parallel.init_model_parallel(tensor_parallel_size, seed=seed, timeout_minutes=dist_timeout_minutes)
         config = GraniteSpeechConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         resolve_pad(tokenizer, config.text_config.vocab_size, reserved=(config.audio_token_index,))
@@ -109,7 +114,7 @@ class MegatronGraniteSpeechPolicy:
             for name, module in (("model.encoder.", encoder), ("model.projector.", projector)):
                 module.load_state_dict(reader.read_prefix(name), strict=True)
             gpt = mm.build_gpt(config.text_config, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                               fp8_recipe)
+                               fp8_recipe, fusions=fusions)
             padded = mm.padded_vocab_size(config.text_config.vocab_size, tensor_parallel_size)
             convert.load_into_gpt_lazy(gpt, reader.read, config.text_config, padded, mm.have_te())
             llm_read = sum(v for k, v in reader.bytes_read.items() if k.startswith(convert.HF_LLM))
@@ -175,7 +180,8 @@ class MegatronGraniteSpeechPolicy:
         """Full-sequence raw logits [N, L, V_pad/TP] for embeds [N, L, H] with key mask [N, L] (right-padded to a
         multiple of TP under sequence parallelism; the extra positions are masked keys after every real one)."""
         n, length = mask.shape
-        padded = mm.pad_to_tp(length, self.gpt.config.tensor_model_parallel_size, self.gpt.config.sequence_parallel)
+        padded = mm.pad_to_tp(length, self.gpt.config.tensor_model_parallel_size, self.gpt.config.sequence_parallel,
+                              self.row_multiple)
         if padded != length:
             embeds = torch.cat([embeds, embeds.new_zeros(n, padded - length, embeds.shape[-1])], 1)
             mask = torch.cat([mask, mask.new_zeros(n, padded - length)], 1)
@@ -204,28 +210,40 @@ class MegatronGraniteSpeechPolicy:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         gen = self._tp_synced_generator(generator)
-        bsz, p = ctx.batch.input_ids.shape
+        bsz, p_real = ctx.batch.input_ids.shape
         group = torch.arange(bsz, device=self.device).repeat_interleave(num_samples)  # [N]
-        infer = StaticInferenceContext(max_batch_size=len(group), max_sequence_length=p + max_new_tokens)
+        # row padding (FP8, see row_multiple): prompts get extra masked positions on the LEFT (prefill rows B x P;
+        # RoPE scores depend on relative positions only), and the decode batch extra rows that copy sample 0 and
+        # are dropped from every output (decode rows N)
+        p = -(-p_real // self.row_multiple) * self.row_multiple
+        n = len(group)
+        n_pad = -(-n // self.row_multiple) * self.row_multiple
+        cache_group = torch.cat([group, group[:1].expand(n_pad - n)])
+        infer = StaticInferenceContext(max_batch_size=n_pad, max_sequence_length=p + max_new_tokens)
         state: dict[str, torch.Tensor] = {}
 
         def prefill():
             mask = ctx.batch.attention_mask.bool()  # [B, P]
-            dec = mm.merged_decoder_input(self.gpt, self._prompt_embeds(ctx), self.embedding_multiplier)
+            embeds = self._prompt_embeds(ctx)
+            if p != p_real:
+                mask = torch.cat([mask.new_zeros(bsz, p - p_real), mask], 1)
+                embeds = torch.cat([embeds.new_zeros(bsz, p - p_real, embeds.shape[-1]), embeds], 1)
+            dec = mm.merged_decoder_input(self.gpt, embeds, self.embedding_multiplier)
             logits = mm.lm_logits(self.gpt, dec, mm.attention_mask_4d(mask), inference_context=infer)
             infer.sequence_len_offset += p
-            infer.swap_key_value_dict(group)  # rows 0..B-1 of the cache -> N rows, prompt-major
-            state["mask"] = mask[group]
+            infer.swap_key_value_dict(cache_group)  # rows 0..B-1 of the cache -> N (+pad) rows, prompt-major
+            state["mask"] = mask[cache_group]
             return logits[:, -1, : self.vocab_size][group], infer
 
         def step(tokens, cache, t):
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], 1)
-            emb = mm.text_embeddings(self.gpt, tokens.unsqueeze(1))  # [N, 1, H]
+            tokens = torch.cat([tokens, tokens[:1].expand(n_pad - n)])
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(n_pad, 1)], 1)
+            emb = mm.text_embeddings(self.gpt, tokens.unsqueeze(1))  # [N(+pad), 1, H]
             dec = mm.merged_decoder_input(self.gpt, emb, self.embedding_multiplier)
             logits = mm.lm_logits(self.gpt, dec, mm.attention_mask_4d(state["mask"], query_len=1),
                                   inference_context=infer)
             infer.sequence_len_offset += 1
-            return logits[:, -1, : self.vocab_size], cache
+            return logits[:n, -1, : self.vocab_size], cache
 
         with self._inference_mode():
             out = sample_tokens(prefill, step, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
@@ -411,18 +429,9 @@ class MegatronGraniteSpeechPolicy:
                 self.optimizer.load_state_dict(loaded["optimizer"])
 
     def _init_optimizer_state(self) -> None:
-        """Zero Adam moments + step for every parameter not stepped yet (the load template). megatron-core 0.16's
-        own init_state_fn omits torch Adam's ``step``, which its DistributedOptimizer.state_dict then requires
-        (the no-apex/no-TE path)."""
+        """The load template: zero Adam state for every parameter not stepped yet (see :func:`init_adam_state`)."""
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = opt.optimizer
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    st = inner.state[p]
-                    if not st:
-                        st["exp_avg"] = torch.zeros_like(p)
-                        st["exp_avg_sq"] = torch.zeros_like(p)
-                        st["step"] = torch.tensor(0.0)
+            init_adam_state(opt.optimizer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named full weights (LLM gathered over TP, projector, encoder): a TP-independent view.
@@ -508,7 +517,7 @@ class MegatronGraniteSpeechPolicy:
             if self.lora_merged:
                 config.has_lora_adapter = False
             config.save_pretrained(out_dir)
-            self.tokenizer.save_pretrained(out_dir)
+            save_tokenizer(self.tokenizer, out_dir)
         dist.barrier()
 
     @property
@@ -522,6 +531,30 @@ class MegatronGraniteSpeechPolicy:
 
     def eval(self) -> "MegatronGraniteSpeechPolicy":
         return self.train(False)
+
+
+def adam_state_keys(optimizer_cls: type) -> tuple[str, ...]:
+    """Per-parameter state entries the load template must hold for the Adam class megatron picked.
+
+    torch ``Adam``/``AdamW`` (megatron's fallback without apex/TE) keep a per-param ``step`` tensor that
+    megatron-core 0.16's own init_state_fn omits and its DistributedOptimizer.state_dict then requires. TE's and
+    apex's ``FusedAdam`` keep the step in the param group and know only ``exp_avg``/``exp_avg_sq`` (+
+    ``master_param``, which FusedAdam creates itself): an extra ``step`` there makes megatron copy a checkpoint
+    tensor that does not exist (``KeyError: 'step'`` on resume in NGC containers)."""
+    if issubclass(optimizer_cls, (torch.optim.Adam, torch.optim.AdamW)):
+        return ("exp_avg", "exp_avg_sq", "step")
+    return ("exp_avg", "exp_avg_sq")
+
+
+def init_adam_state(inner: torch.optim.Optimizer) -> None:
+    """Zero state (:func:`adam_state_keys` of ``type(inner)``) for every parameter that has none yet."""
+    keys = adam_state_keys(type(inner))
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state[p]
+            if not st:
+                for key in keys:
+                    st[key] = torch.tensor(0.0) if key == "step" else torch.zeros_like(p)
 
 
 @contextlib.contextmanager
@@ -581,21 +614,24 @@ def _gather_named(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainable: bool = True, seed: int = 0
-                 ) -> MegatronGraniteSpeechPolicy:
+def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainable: bool = True, seed: int = 0,
+                 dist_timeout_minutes: float = parallel.DEFAULT_TIMEOUT_MINUTES) -> MegatronGraniteSpeechPolicy:
     """``nemo_grpo.train.runtime`` factory entry: ``model.backend: megatron``.
 
     Reads model.path, tensor_parallel_size, sequence_parallel, freeze_encoder, train_projector, train_llm, lora,
     precision and ``model.backend_options`` (``fp8``, ``fp8_recipe``, ``use_distributed_optimizer``,
-    ``params_dtype``: "fp32"/"bf16"). The device is this rank's CUDA device when there is one, else CPU.
+    ``params_dtype``: "fp32"/"bf16", ``fusions``: see ``model.resolve_fusions``). The device is this rank's CUDA device when there is one, else CPU.
     """
     opts = dict(model_cfg.backend_options or {})
     unknown = sorted(set(opts) - set(BACKEND_OPTIONS))
     if unknown:
         raise ValueError(f"model.backend_options: unknown key(s) {unknown}; known {list(BACKEND_OPTIONS)}")
+    mm.validate_fp8(opts.get("fp8"), opts.get("fp8_recipe"), mm.have_te())  # fail before loading
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if opts.get("params_dtype", "fp32") not in dtypes:
         raise ValueError(f"model.backend_options.params_dtype={opts['params_dtype']!r}; choose from {list(dtypes)}")
+    mm.resolve_fusions(opts.get("fusions"), cuda=torch.cuda.is_available(), te=mm.have_te(),  # fail before loading
+                       grad_accum_kernel=mm.grad_accum_kernel_available())
     return MegatronGraniteSpeechPolicy.from_pretrained(
         model_cfg.path, tensor_parallel_size=int(model_cfg.tensor_parallel_size),
         sequence_parallel=bool(model_cfg.sequence_parallel),
@@ -603,4 +639,5 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
         freeze_encoder=model_cfg.freeze_encoder, train_projector=model_cfg.train_projector,
         train_llm=model_cfg.train_llm, lora=model_cfg.lora if trainable else None,
         fp8=opts.get("fp8"), fp8_recipe=opts.get("fp8_recipe"), trainable=trainable,
-        use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed)
+        use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed,
+        fusions=opts.get("fusions"), dist_timeout_minutes=dist_timeout_minutes)
