@@ -106,7 +106,8 @@ class MegatronGraniteSpeechPolicy:
                         params_dtype: torch.dtype = torch.float32, freeze_encoder: bool = True,
                         train_projector: bool = True, train_llm: bool = True, lora: dict | None = None,
                         fp8: str | None = None, fp8_recipe: str | None = None, trainable: bool = True,
-                        use_distributed_optimizer: bool = True, seed: int = 0) -> "MegatronGraniteSpeechPolicy":
+                        use_distributed_optimizer: bool = True, seed: int = 0,
+                        activation_checkpointing: bool = False) -> "MegatronGraniteSpeechPolicy":
         """Load a local HF Granite Speech dir, convert the LLM to megatron and keep this TP rank's shard.
 
         Initialises torch.distributed (torchrun env or a world of 1) and megatron's TP x DP groups.
@@ -137,7 +138,7 @@ class MegatronGraniteSpeechPolicy:
             module.load_state_dict(sub, strict=True)
         lora_merged = _merge_audio_lora(path, state)
         gpt = mm.build_gpt(config.text_config, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                           fp8_recipe)
+                           fp8_recipe, activation_checkpointing=activation_checkpointing and trainable)
         te = mm.have_te()
         full = convert.hf_to_megatron_full(state, config.text_config,
                                            mm.padded_vocab_size(config.text_config.vocab_size, tensor_parallel_size),
@@ -572,4 +573,5 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
         freeze_encoder=model_cfg.freeze_encoder, train_projector=model_cfg.train_projector,
         train_llm=model_cfg.train_llm, lora=model_cfg.lora if trainable else None,
         fp8=opts.get("fp8"), fp8_recipe=opts.get("fp8_recipe"), trainable=trainable,
-        use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed)
+        use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed,
+        activation_checkpointing=bool(getattr(model_cfg, "activation_checkpointing", False)))
