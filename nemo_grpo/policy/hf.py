@@ -22,6 +22,7 @@ F feature frames, F' encoder frames, A audio tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -129,6 +130,28 @@ def _fused_call(modules):
         return None
     weight = torch.cat([m.weight.detach() for m in modules])  # [sum out, in]: a copy, rebuilt every rollout
     return functools.partial(torch.nn.functional.linear, weight=weight)
+
+
+@contextlib.contextmanager
+def _checkpointed_layers(lm, enabled: bool):
+    """Within the block, every Granite decoder layer of ``lm`` (in training mode) keeps only its input for backward
+    and recomputes its forward there (transformers' ``GradientCheckpointingLayer`` switch, set per call rather than
+    through ``gradient_checkpointing_enable``, which would also hook the input embeddings and stay on for the
+    rollout). Non-reentrant ``torch.utils.checkpoint``: no input needs ``requires_grad``, and the recompute replays
+    the same ops on the same inputs, so outputs and gradients equal the plain pass's."""
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    func = functools.partial(checkpoint, use_reentrant=False)
+    for layer in lm.layers:
+        layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, func
+    try:
+        yield
+    finally:
+        for layer in lm.layers:
+            layer.gradient_checkpointing = False
 
 
 class _Layer:
@@ -278,6 +301,8 @@ class HFGraniteSpeechPolicy:
                              "resolve it with nemo_grpo.policy.tokens.resolve_pad")
         self.logits_scaling = float(self.config.text_config.logits_scaling)
         self.lean_decode = True  # False: decode steps through GraniteModel.forward (the reference path)
+        # model.activation_checkpointing: recompute each Granite decoder layer in backward (see ``_hidden``)
+        self.activation_checkpointing = False
         self.freeze_encoder = freeze_encoder
         self._has_adapter = bool(getattr(model, "_hf_peft_config_loaded", False))
         if lora is not None:
@@ -374,9 +399,14 @@ class HFGraniteSpeechPolicy:
             ctx.batch.input_ids, audio, ctx.batch.input_features_mask)
 
     def _hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None) -> tuple[torch.Tensor, Any]:
-        out = self._lm(inputs_embeds=embeds, attention_mask=attention_mask,
-                       position_ids=_positions(attention_mask)[:, -embeds.shape[1]:],
-                       past_key_values=cache, use_cache=cache is not None)
+        # Activation checkpointing only where it saves memory: a grad-enabled full-sequence pass (scoring for the
+        # loss). Never with a KV cache: HF's checkpointing wrapper drops ``past_key_values`` in training mode, and
+        # the rollout runs in training mode under no_grad.
+        ckpt = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        with _checkpointed_layers(self._lm, ckpt):
+            out = self._lm(inputs_embeds=embeds, attention_mask=attention_mask,
+                           position_ids=_positions(attention_mask)[:, -embeds.shape[1]:],
+                           past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state, out.past_key_values
 
     # ---------------------------------------------------------------- Policy API

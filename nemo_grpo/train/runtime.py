@@ -137,12 +137,14 @@ def autocast(enabled: bool) -> contextlib.AbstractContextManager:
 def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: int, **_groups) -> Policy:
     from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
 
-    return HFGraniteSpeechPolicy.from_pretrained(
+    policy = HFGraniteSpeechPolicy.from_pretrained(
         model_cfg.path, device=device, dtype=torch.float32,
         freeze_encoder=model_cfg.freeze_encoder or not trainable,
         train_projector=model_cfg.train_projector and trainable,
         train_llm=model_cfg.train_llm and trainable,
         lora=model_cfg.lora if trainable else None)
+    policy.activation_checkpointing = bool(model_cfg.activation_checkpointing) and trainable
+    return policy
 
 
 def build_policy(model_cfg: Any, *, trainable: bool = True, seed: int = 0,

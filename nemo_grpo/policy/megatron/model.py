@@ -185,10 +185,13 @@ def transformer_config(
     fp8_recipe: str | None = None,
     use_te: bool | None = None,
     fusions=None,
+    activation_checkpointing: bool = False,
 ):
     """megatron ``TransformerConfig`` for a HF ``GraniteConfig`` (``text_config`` of Granite Speech).
 
     ``fusions``: ``model.backend_options.fusions`` (see :func:`resolve_fusions`; default auto).
+    ``activation_checkpointing`` (``model.activation_checkpointing``): full recompute of every layer in backward
+    (granularity "full", method "uniform", one layer per unit), keeping only each layer's input.
 
     Raises ValueError naming ``model.backend_options.fp8`` when FP8 is asked for without Transformer Engine, and naming the HF
     config field for Granite features this mapping does not cover.
@@ -241,6 +244,9 @@ def transformer_config(
         persist_layer_norm=False,
         fp8=fp8 or None,
         fp8_recipe=fp8_recipe or "delayed",
+        recompute_granularity="full" if activation_checkpointing else None,
+        recompute_method="uniform" if activation_checkpointing else None,
+        recompute_num_layers=1 if activation_checkpointing else None,
     )
 
 
@@ -313,7 +319,7 @@ def block_spec(config, residual_multiplier: float, use_te: bool | None = None):
 
 def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
               params_dtype: torch.dtype = torch.float32, fp8: str | None = None, fp8_recipe: str | None = None,
-              use_te: bool | None = None, fusions=None):
+              use_te: bool | None = None, fusions=None, activation_checkpointing: bool = False):
     """A Granite GPTModel shard for this TP rank (needs ``parallel.init_model_parallel`` first).
 
     The embedding returns FULL-sequence [S, B, H] (``scatter_embedding_sequence_parallel=False``): audio is spliced
@@ -323,7 +329,7 @@ def build_gpt(text_cfg, tensor_parallel_size: int = 1, sequence_parallel: bool =
 
     use_te = have_te() if use_te is None else use_te
     config = transformer_config(text_cfg, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                                fp8_recipe, use_te, fusions)
+                                fp8_recipe, use_te, fusions, activation_checkpointing)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, text_cfg.residual_multiplier, use_te),

@@ -82,8 +82,8 @@ class MegatronGraniteSpeechPolicy:
                         train_projector: bool = True, train_llm: bool = True, lora: dict | None = None,
                         fp8: str | None = None, fp8_recipe: str | None = None, trainable: bool = True,
                         use_distributed_optimizer: bool = True, seed: int = 0, fusions=None,
-                        dist_timeout_minutes: float = parallel.DEFAULT_TIMEOUT_MINUTES
-                        ) -> "MegatronGraniteSpeechPolicy":
+                        dist_timeout_minutes: float = parallel.DEFAULT_TIMEOUT_MINUTES,
+                        activation_checkpointing: bool = False) -> "MegatronGraniteSpeechPolicy":
         """Load a local HF Granite Speech dir, convert the LLM to megatron and keep this TP rank's shard.
 
         Initialises torch.distributed (torchrun env or a world of 1) and megatron's TP x DP groups.
@@ -114,7 +114,8 @@ class MegatronGraniteSpeechPolicy:
             for name, module in (("model.encoder.", encoder), ("model.projector.", projector)):
                 module.load_state_dict(reader.read_prefix(name), strict=True)
             gpt = mm.build_gpt(config.text_config, tensor_parallel_size, sequence_parallel, params_dtype, fp8,
-                               fp8_recipe, fusions=fusions)
+                               fp8_recipe, fusions=fusions,
+                               activation_checkpointing=activation_checkpointing and trainable)
             padded = mm.padded_vocab_size(config.text_config.vocab_size, tensor_parallel_size)
             convert.load_into_gpt_lazy(gpt, reader.read, config.text_config, padded, mm.have_te())
             llm_read = sum(v for k, v in reader.bytes_read.items() if k.startswith(convert.HF_LLM))
@@ -640,4 +641,5 @@ def build_policy(model_cfg: Any, *, device: torch.device | None = None, trainabl
         train_llm=model_cfg.train_llm, lora=model_cfg.lora if trainable else None,
         fp8=opts.get("fp8"), fp8_recipe=opts.get("fp8_recipe"), trainable=trainable,
         use_distributed_optimizer=bool(opts.get("use_distributed_optimizer", True)), seed=seed,
-        fusions=opts.get("fusions"), dist_timeout_minutes=dist_timeout_minutes)
+        fusions=opts.get("fusions"), dist_timeout_minutes=dist_timeout_minutes,
+        activation_checkpointing=bool(getattr(model_cfg, "activation_checkpointing", False)))
