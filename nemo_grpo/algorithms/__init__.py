@@ -28,6 +28,7 @@ from nemo_grpo.algorithms.loss import (
     reduce_metrics,
     sequence_normalizer,
     token_normalizer,
+    truncated_is_weights,
 )
 from nemo_grpo.algorithms.masking import mask_truncated
 
@@ -44,4 +45,5 @@ __all__ = [
     "reduce_metrics",
     "sequence_normalizer",
     "token_normalizer",
+    "truncated_is_weights",
 ]
