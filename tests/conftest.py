@@ -59,3 +59,24 @@ def toy_manifests(toy_corpus_dir, tmp_path_factory):
     prepare_librisqa(q["train_json"], q["test_json"], q["librispeech_root"], out, seed=0, num_jobs=1)
     prepare_covost2(c["covost_tsv"], c["validated_tsv"], c["clips_dir"], out, num_jobs=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def preset_2b_dir(tmp_path_factory):
+    """The released granite-speech-3.3-2b's properties (nemo_grpo.policy.presets): widths, heads, vocab 49160 with
+    pad == eos and <|audio|> last, dropouts 0.1, audio LoRA r 64, bf16 weights; LLM 2 layers, encoder 1 layer
+    (~0.28 B parameters, 0.56 GB on disk)."""
+    from nemo_grpo.policy.presets import make_preset
+
+    out = tmp_path_factory.mktemp("granite_speech_3.3_2b_preset")
+    return make_preset(str(out), "granite-speech-3.3-2b", llm_layers=2, encoder_layers=1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def preset_8b_dir(tmp_path_factory):
+    """The released granite-speech-3.3-8b's properties (head_dim 128, 4096 wide, ffn 12800, logits_scaling 16);
+    LLM 1 layer, encoder 1 layer (~0.46 B parameters, 0.92 GB on disk)."""
+    from nemo_grpo.policy.presets import make_preset
+
+    out = tmp_path_factory.mktemp("granite_speech_3.3_8b_preset")
+    return make_preset(str(out), "granite-speech-3.3-8b", llm_layers=1, encoder_layers=1, seed=0)

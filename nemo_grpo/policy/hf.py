@@ -31,6 +31,7 @@ import torch
 
 from nemo_grpo.policy.base import Completions, PromptBatch, PromptContext
 from nemo_grpo.policy.sampling import sample_tokens, scale_logits, token_logprobs
+from nemo_grpo.policy.tokens import disable_dropout, resolve_pad, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def save_hf_dir(model, tokenizer, out_dir: str) -> None:
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     name = _adapter_name(model)
     if name is not None:
         save_file(files["adapter_model.safetensors"], os.path.join(out_dir, "adapter_model.safetensors"),
@@ -101,18 +102,6 @@ def load_hf_weights(model, ckpt_dir: str) -> None:
             if fkey not in cache[fname]:
                 raise ValueError(f"{ckpt_dir}/{fname} has no tensor {fkey!r}")
             tensor.copy_(cache[fname][fkey])
-
-
-def _ensure_distinct_pad(model, tokenizer) -> None:
-    """Granite's own tokenizer pads with <|end_of_text|>; masking pad would then hide eos and the model would never
-    learn to stop. Give it a separate ``<|pad|>`` (a spare embedding row when there is one, else resized)."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    log.warning("tokenizer pad == eos: using a distinct pad token %r (id %d)", tokenizer.pad_token,
-                tokenizer.pad_token_id)
 
 
 def _fast_call(module):
@@ -286,7 +275,7 @@ class HFGraniteSpeechPolicy:
         self.pad_token_id = int(tokenizer.pad_token_id)
         if self.pad_token_id == self.eos_token_id:
             raise ValueError("tokenizer pad_token_id == eos_token_id: the model could never learn to stop; "
-                             "give the tokenizer a distinct pad token")
+                             "resolve it with nemo_grpo.policy.tokens.resolve_pad")
         self.logits_scaling = float(self.config.text_config.logits_scaling)
         self.lean_decode = True  # False: decode steps through GraniteModel.forward (the reference path)
         self.freeze_encoder = freeze_encoder
@@ -319,11 +308,10 @@ class HFGraniteSpeechPolicy:
             raise ValueError(f"model path {path!r} is not a directory (hub names are not supported offline)")
         model = GraniteSpeechForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        _ensure_distinct_pad(model, tokenizer)
+        resolve_pad(tokenizer, model.get_input_embeddings().num_embeddings,
+                    reserved=(model.config.audio_token_index,))
         model.to(device)
-        for module in model.modules():  # dropout would make pi_old != pi_theta for the same weights (RL ratio)
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)  # dropout would make pi_old != pi_theta for the same weights (the RL ratio)
         return cls(model, tokenizer, freeze_encoder=freeze_encoder, train_projector=train_projector,
                    train_llm=train_llm, lora=lora)
 

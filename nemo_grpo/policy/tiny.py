@@ -168,17 +168,13 @@ def tiny_config(tokenizer, **overrides):
 
 def _write_lora_adapter(model, out_dir: str, rank: int, alpha: int, seed: int) -> None:
     """Save a q/v LoRA adapter in PEFT's on-disk format, as the real checkpoints ship it."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=out_dir)
-    model.add_adapter(cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # PEFT initialises B = 0 (a no-op adapter); make on/off observable
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    from nemo_grpo.policy.presets import attach_random_lora
+
+    cfg = attach_random_lora(model, rank, alpha, ["q_proj", "v_proj"], seed)
+    cfg.base_model_name_or_path = out_dir
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
     state = {k if k.startswith("base_model.model.") else "base_model.model." + k: v for k, v in state.items()}
     save_file(state, os.path.join(out_dir, "adapter_model.safetensors"))
@@ -206,8 +202,15 @@ def make_tiny(out_dir: str, seed: int = 0, **overrides: Any) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nemo_grpo.policy.presets import PRESETS
+
     parser.add_argument("out_dir", help="output directory (HF format)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="the released checkpoint's shapes, tokenizer layout, dropouts and audio LoRA, with random "
+                             "bf16 weights (nemo_grpo.policy.presets); the size options below then do not apply")
+    parser.add_argument("--llm-layers", type=int, default=None,
+                        help="--preset: LLM depth (released: 40); --encoder-layers sets the encoder's (released: 16)")
     for key, val in DEFAULTS.items():
         if isinstance(val, bool):
             parser.add_argument(f"--{key.replace('_', '-')}", action="store_true", default=None)
@@ -218,7 +221,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
-    out = make_tiny(args.out_dir, seed=args.seed, **overrides)
+    if args.preset is not None:
+        from nemo_grpo.policy.presets import make_preset
+
+        encoder_layers = overrides.pop("encoder_layers", None)
+        if overrides:
+            raise ValueError(f"--preset fixes the sizes; drop {sorted('--' + k.replace('_', '-') for k in overrides)}")
+        out = make_preset(args.out_dir, args.preset, args.llm_layers, encoder_layers, seed=args.seed)
+    elif args.llm_layers is not None:
+        raise ValueError("--llm-layers needs --preset (the tiny model's LLM depth is --text-layers)")
+    else:
+        out = make_tiny(args.out_dir, seed=args.seed, **overrides)
     with open(os.path.join(out, "tiny_info.json")) as f:
         info = json.load(f)
     print(f"wrote {out} ({info['parameters']} parameters)")

@@ -153,15 +153,16 @@ def test_unknown_backend_option_is_a_config_error():
 
 
 def test_pad_equal_to_eos_gets_the_hf_backends_distinct_pad(tiny_model_dir):
+    """Both backends resolve the pad through nemo_grpo.policy.tokens.resolve_pad (the megatron one used to append a
+    <|pad|> beyond a full vocabulary and raise): same id, no new row."""
     from transformers import AutoTokenizer
 
-    from nemo_grpo.policy.megatron.policy import _ensure_distinct_pad
+    from nemo_grpo.policy.megatron import policy as meg
+    from nemo_grpo.policy.tokens import resolve_pad
 
+    assert meg.resolve_pad is resolve_pad
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    expected = tok.pad_token_id
+    expected, size = tok.pad_token_id, len(tok)
     tok.pad_token = tok.eos_token  # what Granite's real tokenizer does
-    _ensure_distinct_pad(tok, vocab_size=len(tok))
-    assert tok.pad_token_id == expected != tok.eos_token_id
-    tok.pad_token = tok.eos_token
-    with pytest.raises(ValueError, match="no spare row"):
-        _ensure_distinct_pad(tok, vocab_size=expected)
+    assert resolve_pad(tok, len(tok)) == expected != tok.eos_token_id
+    assert len(tok) == size

@@ -256,5 +256,12 @@ def test_pad_equal_to_eos_gets_a_distinct_pad(tiny_model_dir, tmp_path):
     tok.save_pretrained(d)
     assert AutoTokenizer.from_pretrained(d).pad_token_id == tok.eos_token_id
     policy = HFGraniteSpeechPolicy.from_pretrained(d)
+    rows = policy.model.get_input_embeddings().num_embeddings
     assert policy.pad_token_id != policy.eos_token_id
-    assert policy.pad_token_id < policy.model.get_input_embeddings().num_embeddings
+    assert policy.pad_token_id < rows
+    # the export keeps the checkpoint's tokenizer (pad == eos) and its vocabulary size
+    policy.save_pretrained(str(tmp_path / "export"))
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert exported.pad_token_id == exported.eos_token_id and len(exported) == len(tok)
+    assert HFGraniteSpeechPolicy.from_pretrained(str(tmp_path / "export")).model.get_input_embeddings(
+    ).num_embeddings == rows

@@ -28,6 +28,7 @@ from nemo_grpo.policy.base import Completions, PromptBatch, PromptContext
 from nemo_grpo.policy.megatron import convert, cpu_shims, parallel
 from nemo_grpo.policy.megatron import model as mm
 from nemo_grpo.policy.sampling import sample_tokens, scale_logits
+from nemo_grpo.policy.tokens import disable_dropout, resolve_pad, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,6 @@ class GraniteSpeechMegatron(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module, projector: torch.nn.Module, llm: torch.nn.Module):
         super().__init__()
         self.encoder, self.projector, self.llm = encoder, projector, llm
-
-
-def _ensure_distinct_pad(tokenizer, vocab_size: int) -> None:
-    """As the HF backend: Granite's own tokenizer pads with <|end_of_text|>, which would hide eos from the loss;
-    use a separate ``<|pad|>`` in a spare embedding row (Granite checkpoints have spare rows)."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    if tokenizer.pad_token_id >= vocab_size:
-        raise ValueError(f"tokenizer pad == eos and the vocabulary ({vocab_size}) has no spare row for a distinct "
-                         "<|pad|>: give the checkpoint's tokenizer a pad token")
-    log.warning("tokenizer pad == eos: using a distinct pad token %r (id %d)", tokenizer.pad_token,
-                tokenizer.pad_token_id)
 
 
 def _merge_audio_lora(path: str, hf_llm: dict[str, torch.Tensor]) -> bool:
@@ -138,7 +126,7 @@ class MegatronGraniteSpeechPolicy:
         parallel.init_model_parallel(tensor_parallel_size, seed=seed)
         config = GraniteSpeechConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        _ensure_distinct_pad(tokenizer, config.text_config.vocab_size)
+        resolve_pad(tokenizer, config.text_config.vocab_size, reserved=(config.audio_token_index,))
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         state = convert.read_hf_state(path)
         with torch.device(device or "cpu"):  # random init is overwritten: do it where it is fast
@@ -158,9 +146,7 @@ class MegatronGraniteSpeechPolicy:
         model = GraniteSpeechMegatron(encoder.to(params_dtype), projector.to(params_dtype), gpt)
         if device is not None:
             model.to(device)
-        for module in model.modules():  # dropout would make pi_old != pi_theta for the same weights
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)  # dropout would make pi_old != pi_theta for the same weights (the RL ratio)
         for p in encoder.parameters():
             p.requires_grad_(False)
         for p in projector.parameters():
@@ -491,7 +477,7 @@ class MegatronGraniteSpeechPolicy:
             if self.lora_merged:
                 config.has_lora_adapter = False
             config.save_pretrained(out_dir)
-            self.tokenizer.save_pretrained(out_dir)
+            save_tokenizer(self.tokenizer, out_dir)
         dist.barrier()
 
     @property
