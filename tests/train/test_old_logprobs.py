@@ -14,7 +14,6 @@ from nemo_grpo.train.grpo import grpo_step, loss_config
 from tests.train.test_grpo_step import LIVE, StepHarness, _batch
 
 G = 4
-RATIO_KEYS = ("loss/on/ratio_mean", "loss/on/ratio_max")
 
 
 def _cfg(model_dir, precision, algorithm="grpo", micro_batch_size=3, **grpo):
@@ -77,3 +76,27 @@ def test_truncated_is_in_the_step(policy, tiny_model_dir):
     _, m = _step(policy, _cfg(tiny_model_dir, "bf16", tis_cap=0.5))
     assert m["loss/on/tis_weight_mean"] == 0.5 and m["loss/on/tis_clip_frac"] == 1.0
     assert m["loss/on/ratio_max"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def preset_policy(preset_2b_dir):
+    """granite-speech-3.3-2b shapes (vocab 49160, hidden 2048, real multipliers, audio LoRA), LLM 2 layers; only
+    the projector trains, so the optimizer step stays small."""
+    return HFGraniteSpeechPolicy.from_pretrained(preset_2b_dir, train_llm=False)
+
+
+@pytest.mark.integration
+def test_preset_2b_bf16_recompute_ratio_is_one_and_sampled_mismatch_is_logged(preset_policy, preset_2b_dir):
+    """At the released 2B shapes in bf16 (2 prompts, G = 2, 4 tokens, micro-batches of 3): with the recompute the
+    first ratio is exactly 1 and the mismatch is logged well above fp32 rounding (measured ~2e-4 mean, ~1e-3
+    max); with the sampler's log-probs the first ratio moves off 1 by that mismatch."""
+    for mode in ("recompute", "sampled"):
+        cfg = _cfg(preset_2b_dir, "bf16", micro_batch_size=3, num_generations=2, max_new_tokens=4,
+                   old_logprobs=mode)
+        _, m = _step(preset_policy, cfg)
+        assert m["rollout/logprob_diff_max"] > 1e-4
+        if mode == "recompute":
+            assert (m["loss/on/ratio_mean"], m["loss/on/ratio_max"]) == (1.0, 1.0)
+            assert m["loss/on/clip_low"] == 0.0 and m["loss/on/clip_high"] == 0.0
+        else:
+            assert m["loss/on/ratio_max"] != 1.0
