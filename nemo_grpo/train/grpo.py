@@ -2,10 +2,11 @@
 
 Per step (``grpo_step``): a batch of B prompts -> rollout (G completions each; MP-GRPO: G-1 sampled + the reference
 as an off-policy member) -> rewards (BLEU by default, Section 3.3) -> group advantages (Eq. 1) [-> DAPO dynamic
-sampling: drop zero-variance groups, refill from fresh prompts] -> log pi_ref (beta > 0) [-> log pi_old recomputed]
--> mu policy updates with the clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference) over
-micro-batches -> maybe validate / checkpoint (the session's ``end_step``). Expensive rewards (METEOR, BERTScore) run on the reward function's worker
-thread while the reference pass runs, so they stay off the critical path; the values are the same.
+sampling: drop zero-variance groups, refill from fresh prompts] -> log pi_ref (beta > 0) [-> log pi_old recomputed
+(bf16)] -> mu policy updates with the clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference)
+over micro-batches -> maybe validate / checkpoint (the session's ``end_step``). Expensive rewards (METEOR, BERTScore)
+run on the reward function's worker thread while the reference pass runs, so they stay off the critical path; the
+values are the same.
 
 log pi_old (``grpo.old_logprobs``, resolved by ``config.resolve_old_logprobs``): pi_old is the policy that sampled,
 and it stays fixed across the mu updates; the ratio measures the drift of the updated policy from it. Its log-probs
@@ -20,8 +21,9 @@ come from one of two places:
 ``rollout/logprob_diff_{mean,max}`` log |sampler - trainer| log-prob before any update over the counted on-policy
 tokens every step (from the recompute pass, or from the first update's forward when sampled). ``grpo.tis_cap``
 additionally weights each on-policy token's policy-gradient term by the truncated importance weight
-min(pi_old / pi_sampler, cap) for that mismatch (TRL / verl TIS; needs recompute). The Granite dropouts are 0, and a
-frozen encoder stays in eval mode (BatchNorm), so sampling and scoring see the same network up to numerics.
+min(pi_old / pi_sampler, cap) for that mismatch (TRL / verl TIS; needs recompute). The policy turns dropout off at
+load, and a frozen encoder stays in eval mode (BatchNorm), so sampling and scoring see the same network up to
+numerics.
 
 Shape legend: B prompts, G samples per prompt, N = B*G completions, T completion tokens.
 """
@@ -106,7 +108,7 @@ def grpo_step(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any, loss_cfg: Lo
     """One GRPO step on ``batch``: sample scored groups, score them under the reference (and, with
     ``grpo.old_logprobs`` resolved to recompute, under the policy itself: log pi_old), mu policy updates.
 
-    ``s`` is the recipe's session (``TrainSession``): cfg, policy, generator, dp_size, timer(name), autocast(),
+    ``s`` is the recipe's session (``TrainSession``): cfg, policy, generator, dp_size, bf16, timer(name), autocast(),
     next_batch() (dynamic sampling only), optimizer_step(). Returns (rank-local metrics, (hyp, ref) samples)."""
     groups, metrics = sample_groups(s, batch, reward_fn, ref)
     with s.timer("reference"):
