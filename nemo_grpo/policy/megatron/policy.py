@@ -67,7 +67,10 @@ def _merge_audio_lora(path: str, hf_llm: dict[str, torch.Tensor]) -> bool:
         b = adapter[key.replace("lora_A", "lora_B")]
         if base not in hf_llm:
             raise ValueError(f"{path}: adapter targets {base}, which is not a language-model weight")
-        hf_llm[base] = hf_llm[base] + scale * (b.double() @ a.double()).to(hf_llm[base].dtype)
+        # in fp32 at least: released weights are bf16 on disk, and rounding W + s B A to bf16 here would lose most
+        # of the adapter's update (HF keeps the adapter as a separate path); params_dtype casts once, at the end
+        w = hf_llm[base].to(torch.promote_types(hf_llm[base].dtype, torch.float32))
+        hf_llm[base] = w + scale * (b.double() @ a.double()).to(w.dtype)
         merged += 1
     log.info("merged audio LoRA adapter (%d matrices, scale %.3g) into the base weights", merged, scale)
     return merged > 0
