@@ -346,7 +346,7 @@ class StepSession:
 
     def __init__(self, cfg: Any, policy: Any, seed: int = 0):
         self.cfg, self.policy = cfg, policy
-        self.dp_rank, self.dp_size, self.bf16 = 0, 1, False
+        self.dp_rank, self.dp_size, self.bf16, self.device = 0, 1, False, torch.device("cpu")
         self.opt_step, self.total_opt_steps = 0, cfg.trainer.max_steps * cfg.grpo.num_iterations
         self.generator = torch.Generator().manual_seed(seed)
         o = cfg.optim

@@ -15,7 +15,9 @@ micro-batches and data-parallel ranks::
         parts.append(out.metrics)
     metrics = reduce_metrics(parts)                        # then policy.optimizer_step(lr)
 
-With mu > 1 updates per rollout, repeat the loop mu times with the same ``comp.logprobs`` (log pi_old).
+With mu > 1 updates per rollout, repeat the loop mu times with the same ``comp.logprobs`` (log pi_old). When the
+sampler's numerics differ from the training forward's (bf16), log pi_old is instead the policy's own no-grad score of
+the rollout before the updates, and ``comp.logprobs`` goes in as ``sampler_logp`` (truncated IS, ``cfg.tis_cap``).
 """
 from nemo_grpo.algorithms.advantages import group_advantages, nonzero_variance_groups
 from nemo_grpo.algorithms.loss import (
@@ -28,6 +30,7 @@ from nemo_grpo.algorithms.loss import (
     reduce_metrics,
     sequence_normalizer,
     token_normalizer,
+    truncated_is_weights,
 )
 from nemo_grpo.algorithms.masking import mask_truncated
 
@@ -44,4 +47,5 @@ __all__ = [
     "reduce_metrics",
     "sequence_normalizer",
     "token_normalizer",
+    "truncated_is_weights",
 ]

@@ -11,7 +11,9 @@ Per token (i, t) with advantage A_i (one per completion):
                                       l = s * A   (no clipping unless ``clip_off_policy``)             Eq. 4
     KL (every counted token):         k = exp(ref_logp - logp) - (ref_logp - logp) - 1                 (k3)
                                       (times s on on-policy tokens if ``kl_importance_correction``)
-    per-token loss:                   -(l - beta * k)
+    truncated IS (``tis_cap``, on-policy only):
+                                      w = min(exp(old_logp - sampler_logp), tis_cap), detached; l <- w * l
+    per-token loss:                   -(l - beta * k)      (w weights the policy-gradient term only, as TRL)
 
 Aggregation (``loss_type``):
     "dapo" (paper Eq. 3, default): sum of per-token losses over every counted token / ``normalizer``, where
@@ -27,6 +29,9 @@ Several policy updates per rollout batch (mu > 1): ``old_logp`` is the log-prob 
 (stored at rollout time, e.g. ``Completions.logprobs``) and stays fixed for all mu updates; ``logp`` is recomputed
 with grad at every update. At the first update ``logp == old_logp`` (up to sampling-vs-scoring numerics), so s = 1,
 nothing is clipped, and the gradient is the plain policy gradient ``-A * grad(logp)`` (plus the KL term; tested).
+When the sampler's numerics differ from the training pass's (bf16, another inference engine), ``old_logp`` is the
+trainer's own no-grad score of the rollout before the updates, and the sampler's log-probs enter only through the
+truncated importance weight ``w`` (``tis_cap``; TRL's ``vllm_importance_sampling_mode="token_truncate"``, verl's TIS).
 
 Masked-out tokens (mask False) contribute exactly 0 to the loss AND the gradient, whatever garbage logp/old_logp
 hold there (-inf, NaN): they are replaced by 0 with ``where`` before any arithmetic, never multiplied by the mask.
@@ -44,6 +49,7 @@ __all__ = [
     "grpo_loss",
     "kl_k3",
     "token_normalizer",
+    "truncated_is_weights",
     "sequence_normalizer",
     "loss_normalizer",
     "microbatch_slices",
@@ -68,6 +74,9 @@ class LossConfig:
                    DeepSeek-V3.2 unbiased reverse-KL gradient; TRL >= 1.x turns it on by default
                    (``use_bias_correction_kl``). The paper's Eq. 3 has the plain k3 term: default False.
                    Off-policy tokens never get it (pi_phi = 1 is not a sampling distribution).
+    tis_cap:       None = no truncated importance sampling; a float C > 0 = weight each on-policy token's
+                   policy-gradient term by min(exp(old_logp - sampler_logp), C), detached (``grpo_loss`` then
+                   needs ``sampler_logp``). TRL's default cap is 3.0 (``vllm_importance_sampling_clip_max``).
     """
 
     epsilon: float = 0.2
@@ -77,6 +86,7 @@ class LossConfig:
     off_policy_shaping_gamma: float | None = None
     clip_off_policy: bool = False
     kl_importance_correction: bool = False
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon < 1.0:
@@ -90,6 +100,8 @@ class LossConfig:
         g = self.off_policy_shaping_gamma
         if g is not None and not g > 0.0:
             raise ValueError(f"off_policy_shaping_gamma must be > 0 or None, got {g}")
+        if self.tis_cap is not None and not self.tis_cap > 0.0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {self.tis_cap}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
@@ -115,6 +127,8 @@ class LossOutput:
                       off-policy tokens unless ``clip_off_policy``
         ratio_mean    mean s (off-policy: the possibly shaped pi_theta); ``ratio_max`` is a max (-inf if none)
         entropy       mean entropy, only when ``entropy`` is given
+    and, with ``tis_cap``, ``on/tis_weight_mean`` (mean truncated IS weight w) and ``on/tis_clip_frac`` (fraction
+    of tokens whose raw weight exceeded the cap).
     plus ``num_sequences`` and ``loss`` (this micro-batch's contribution). Combine micro-batches with
     ``reduce_metrics``.
     """
@@ -160,11 +174,22 @@ def microbatch_slices(n: int, micro_batch_size: int) -> list[slice]:
     return [slice(i, min(i + micro_batch_size, n)) for i in range(0, n, micro_batch_size)]
 
 
-def _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg) -> None:
+def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights for the sampler/trainer mismatch: w = min(exp(old_logp - sampler_logp), cap)
+    and clipped = the raw ratio exceeded the cap. [N, T] x2 -> [N, T] float (detached), [N, T] bool.
+
+    ``old_logp`` is the trainer's log-prob of the sampled token before any update, ``sampler_logp`` the sampler's.
+    Neutralise uncounted positions (equal values there give w = 1) before calling."""
+    raw = torch.exp((old_logp - sampler_logp).detach())
+    return torch.clamp(raw, max=cap), raw > cap
+
+
+def _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg, sampler_logp=None) -> None:
     n_t = tuple(logp.shape)
     if logp.dim() != 2:
         raise ValueError(f"logp must be [N, T], got {n_t}")
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp)):
         if t is not None and tuple(t.shape) != n_t:
             raise ValueError(f"{name} must have shape {n_t} like logp, got {tuple(t.shape)}")
     if mask.dtype != torch.bool:
@@ -175,6 +200,8 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg) -
         raise ValueError(f"off_policy must be bool [N] = {n_t[:1]}, got {off_policy.dtype} {tuple(off_policy.shape)}")
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta > 0")
+    if cfg.tis_cap is not None and sampler_logp is None:
+        raise ValueError("sampler_logp is required when tis_cap is set")
 
 
 def _masked_mean(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -207,12 +234,14 @@ def grpo_loss(
     ref_logp: torch.Tensor | None = None,
     off_policy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    sampler_logp: torch.Tensor | None = None,
 ) -> LossOutput:
     """Clipped GRPO/DAPO loss of one micro-batch (see the module docstring for the formulas).
 
     Args:
         logp:       [N, T] log pi_theta of the completion tokens, WITH grad.
-        old_logp:   [N, T] log pi_old stored at rollout time (no grad); ignored for off-policy rows.
+        old_logp:   [N, T] log pi_old (no grad): the sampler's log-probs, or the trainer's own score of the rollout
+                    before the updates; ignored for off-policy rows.
         advantages: [N] one advantage per completion (``group_advantages(...).flatten()``).
         mask:       [N, T] bool, True = the token counts (eos included, padding and overlong-masked rows excluded).
         normalizer: global token count ("dapo") or sequence count ("grpo") of the whole batch, > 0 (a zero count
@@ -221,10 +250,11 @@ def grpo_loss(
         ref_logp:   [N, T] log pi_ref (no grad); required iff cfg.beta > 0.
         off_policy: [N] bool, True for mixed-policy reference members (pi_phi = 1). None = all on-policy.
         entropy:    [N, T] per-token policy entropy, for metrics only.
+        sampler_logp: [N, T] the sampler's log-probs (no grad); required iff cfg.tis_cap is set (truncated IS).
 
     The loss is computed in the widest dtype among logp/old_logp/ref_logp and at least float32.
     """
-    _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg)
+    _check_inputs(logp, old_logp, advantages, mask, ref_logp, off_policy, cfg, sampler_logp)
     if off_policy is None:
         off_policy = torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
     off_tok = off_policy[:, None] & mask  # [N, T]
@@ -240,6 +270,10 @@ def grpo_loss(
     old_logp = torch.where(on_tok, old_logp.to(dt), 0.0)  # off-policy rows: no pi_old
 
     lterm, ratio, s_off = _surrogate(logp, old_logp, adv, off_policy, cfg)
+    tis = None
+    if cfg.tis_cap is not None:  # on-policy tokens only: the neutralised entries give w = 1 elsewhere
+        tis = truncated_is_weights(old_logp, torch.where(on_tok, sampler_logp.to(dt), 0.0), cfg.tis_cap)
+        lterm = tis[0] * lterm
 
     kl = None
     per_token = -lterm
@@ -258,12 +292,12 @@ def grpo_loss(
         seq = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(per_token.dtype)  # [N]
         loss = seq.sum() / norm
 
-    metrics = _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, logp.shape[0])
+    metrics = _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, logp.shape[0], tis)
     return LossOutput(loss=loss, metrics=metrics)
 
 
 @torch.no_grad()
-def _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, n_seq):
+def _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, n_seq, tis):
     dev = ratio.device
     m: dict[str, torch.Tensor] = {"loss": loss.detach(), "num_sequences": torch.tensor(float(n_seq), device=dev)}
     zero = torch.zeros((), dtype=ratio.dtype, device=dev)
@@ -284,6 +318,9 @@ def _metrics(lterm, kl, entropy, on_tok, off_tok, ratio, s_off, adv, cfg, loss, 
         m[f"{key}/ratio_max"] = torch.where(sel, s, neg_inf).amax() if sel.numel() else neg_inf
         if entropy is not None:
             m[f"{key}/entropy"] = _masked_mean(entropy.to(ratio.dtype), sel)
+    if tis is not None:
+        m["on/tis_weight_mean"] = _masked_mean(tis[0], on_tok)
+        m["on/tis_clip_frac"] = _masked_mean(tis[1].to(ratio.dtype), on_tok)
     return {k: v.detach() for k, v in m.items()}
 
 

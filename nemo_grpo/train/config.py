@@ -26,7 +26,8 @@ class ModelConfig:
 
     path: str = ""
     backend: Literal["hf", "megatron"] = "hf"
-    # "auto": bfloat16 autocast on GPU, float32 on CPU (bf16 on CPU is slow and changes sampling at rounding level).
+    # "auto": bfloat16 autocast on GPU, float32 on CPU (bf16 on CPU is slow and changes sampling at rounding level);
+    # "bf16": bfloat16 autocast on any device, CPU included (runtime.use_bf16).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"  # "auto" -> cuda:<local rank> when available, else cpu
     freeze_encoder: bool = True
@@ -62,6 +63,28 @@ class GRPOConfig:
     mask_truncated_completions: bool = False  # overlong masking: truncated completions get no loss
     off_policy_in_group_stats: bool = True  # mp_grpo: the reference's reward enters the group mean/std
     policy_shaping_gamma: float | None = None  # mp_grpo: f(p) = p / (p + gamma) on off-policy tokens (LUFFY)
+    # log pi_old of the PPO ratio: "sampled" = the sampler's log-probs (Completions.logprobs); "recompute" = one
+    # no-grad scoring pass of the policy before the updates (verl, NeMo-RL), so the first ratio is exactly 1 even
+    # when sampling and training numerics differ (bf16); "auto" = recompute unless the precision is fp32
+    # (``resolve_old_logprobs``).
+    old_logprobs: Literal["auto", "sampled", "recompute"] = "auto"
+    # Truncated importance sampling for the sampler/trainer mismatch (TRL's token_truncate, verl's TIS): each
+    # on-policy token's policy-gradient term times min(exp(recomputed - sampled log-prob), tis_cap), detached.
+    # null = off; needs old_logprobs resolved to recompute.
+    tis_cap: float | None = None
+
+
+def resolve_old_logprobs(g: GRPOConfig, bf16: bool) -> Literal["sampled", "recompute"]:
+    """Where log pi_old comes from, ``grpo.old_logprobs`` with "auto" resolved: recompute under bf16 (the sampler's
+    log-probs differ from the training pass's at rounding level), sampled in fp32 (they agree; no extra pass).
+    ``bf16`` is the effective precision (``runtime.use_bf16``). Raises ValueError for ``grpo.tis_cap`` without a
+    recompute pass (the weight needs the trainer's log-prob of the rollout before any update)."""
+    mode = g.old_logprobs if g.old_logprobs != "auto" else ("recompute" if bf16 else "sampled")
+    if g.tis_cap is not None and mode == "sampled":
+        raise ValueError(f"config key 'grpo.tis_cap' needs grpo.old_logprobs resolved to recompute, got sampled "
+                         f"(grpo.old_logprobs={g.old_logprobs!r}, effective precision "
+                         f"{'bf16' if bf16 else 'fp32'}): set grpo.old_logprobs=recompute or grpo.tis_cap=null")
+    return mode
 
 
 @dataclass
@@ -238,6 +261,10 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     positive("grpo.temperature", g.temperature)
     positive("grpo.max_new_tokens", g.max_new_tokens)
     positive("grpo.dynamic_sampling_max_rounds", g.dynamic_sampling_max_rounds)
+    if g.tis_cap is not None and not g.tis_cap > 0:
+        raise ValueError(f"config key 'grpo.tis_cap' must be > 0 or null, got {g.tis_cap}")
+    if g.old_logprobs == "sampled":  # auto resolves with the device (runtime.use_bf16), at the start of training
+        resolve_old_logprobs(g, bf16=False)
     if not 0 < g.top_p <= 1:
         raise ValueError(f"config key 'grpo.top_p' must be in (0, 1], got {g.top_p}")
     if not 0 < cfg.eval.top_p <= 1:

@@ -51,7 +51,7 @@ def decode_batches(policy: Any, batches: Iterable, eval_cfg: Any, *, device: tor
             if max_batches is not None and i >= max_batches:
                 break
             batch = batch.to(device)
-            with runtime.autocast(bf16):
+            with runtime.autocast(bf16, device):
                 ro = rollout(policy, batch, num_samples=1, max_new_tokens=eval_cfg.max_new_tokens,
                              temperature=eval_cfg.temperature, top_p=eval_cfg.top_p, generator=gen)
             for cid, hyp, ref in zip(batch.ids, ro.completions.texts, batch.references):

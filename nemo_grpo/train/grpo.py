@@ -2,16 +2,28 @@
 
 Per step (``grpo_step``): a batch of B prompts -> rollout (G completions each; MP-GRPO: G-1 sampled + the reference
 as an off-policy member) -> rewards (BLEU by default, Section 3.3) -> group advantages (Eq. 1) [-> DAPO dynamic
-sampling: drop zero-variance groups, refill from fresh prompts] -> log pi_ref (beta > 0) -> mu policy updates with the
-clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference) over micro-batches -> maybe validate /
-checkpoint (the session's ``end_step``). Expensive rewards (METEOR, BERTScore) run on the reward function's worker
-thread while the reference pass runs, so they stay off the critical path; the values are the same.
+sampling: drop zero-variance groups, refill from fresh prompts] -> log pi_ref (beta > 0) [-> log pi_old recomputed
+(bf16)] -> mu policy updates with the clipped token-level DAPO loss (Eqs. 2-3, beta * k3-KL to a frozen reference)
+over micro-batches -> maybe validate / checkpoint (the session's ``end_step``). Expensive rewards (METEOR, BERTScore)
+run on the reward function's worker thread while the reference pass runs, so they stay off the critical path; the
+values are the same.
 
-log pi_old: the log-probs recorded at sampling time (``Completions.logprobs``, temperature applied). With mu = 1
-and no dropout they equal the policy's own scoring pass before the update, so the first ratio is exactly 1. With
-mu > 1 they stay fixed across the mu updates (the standard GRPO definition: pi_old is the sampling policy); the
-ratio then measures the drift of the updated policy from it. The Granite dropouts are 0, and a frozen encoder stays
-in eval mode (BatchNorm), so sampling and scoring see the same network.
+log pi_old (``grpo.old_logprobs``, resolved by ``config.resolve_old_logprobs``): pi_old is the policy that sampled,
+and it stays fixed across the mu updates; the ratio measures the drift of the updated policy from it. Its log-probs
+come from one of two places:
+  * "sampled" (fp32 default): the log-probs recorded by the KV-cache sampler (``Completions.logprobs``, temperature
+    applied). In fp32 they equal the training forward's before the update (to ~1e-6), so no extra pass is needed.
+  * "recompute" (bf16 default, as verl and NeMo-RL): one no-grad scoring pass of the policy over the rollout before
+    the updates (``old_logprobs``), with the training forward's micro-batches, temperature, autocast and mode. Under
+    bf16 the sampler's numbers differ from the training pass's (different kernels and shapes: a KV cache vs one full
+    forward), so with the sampled ones the first ratio at mu = 1 would not be 1 and the clipping would act on that
+    noise; with the recomputed ones it is exactly 1.
+``rollout/logprob_diff_{mean,max}`` log |sampler - trainer| log-prob before any update over the counted on-policy
+tokens every step (from the recompute pass, or from the first update's forward when sampled). ``grpo.tis_cap``
+additionally weights each on-policy token's policy-gradient term by the truncated importance weight
+min(pi_old / pi_sampler, cap) for that mismatch (TRL / verl TIS; needs recompute). The policy turns dropout off at
+load, and a frozen encoder stays in eval mode (BatchNorm), so sampling and scoring see the same network up to
+numerics.
 
 Shape legend: B prompts, G samples per prompt, N = B*G completions, T completion tokens.
 """
@@ -28,7 +40,7 @@ from nemo_grpo.algorithms import (LossConfig, grpo_loss, group_advantages, loss_
 from nemo_grpo.policy.base import Completions, PromptBatch, PromptContext
 from nemo_grpo.rollout import rollout
 from nemo_grpo.train import runtime
-from nemo_grpo.train.config import TrainConfig
+from nemo_grpo.train.config import TrainConfig, resolve_old_logprobs
 from nemo_grpo.train.session import TrainSession
 
 log = logging.getLogger(__name__)
@@ -37,7 +49,8 @@ log = logging.getLogger(__name__)
 def loss_config(cfg: TrainConfig) -> LossConfig:
     g = cfg.grpo
     return LossConfig(epsilon=g.epsilon, epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
-                      beta=g.beta, loss_type=g.loss_type, off_policy_shaping_gamma=g.policy_shaping_gamma)
+                      beta=g.beta, loss_type=g.loss_type, off_policy_shaping_gamma=g.policy_shaping_gamma,
+                      tis_cap=g.tis_cap)
 
 
 def train_grpo(cfg: TrainConfig) -> dict[str, Any]:
@@ -45,6 +58,8 @@ def train_grpo(cfg: TrainConfig) -> dict[str, Any]:
     run summary (best validation, test metrics, paths)."""
     from nemo_grpo.rewards import build_reward
 
+    # a bad grpo.old_logprobs / grpo.tis_cap combination fails here, before any model is built
+    resolve_old_logprobs(cfg.grpo, runtime.use_bf16(cfg.model.precision, runtime.pick_device(cfg.model.device)))
     s = TrainSession(cfg, opt_steps_per_step=cfg.grpo.num_iterations)
     reward_fn = build_reward(cfg.reward)
     loss_cfg = loss_config(cfg)
@@ -66,7 +81,9 @@ class Groups:
     comps: N completions (all G members of each group); adv: [N] advantages (Eq. 1, computed over the full group);
     mask: [N, T] bool, True = the token enters the loss; refs: N reference texts (for sample logs);
     ref_logp: [N, T] log pi_ref (beta > 0), filled by ``sample_groups`` or ``grpo_step``;
-    in_batch: False for dynamic sampling's all-masked stand-in (no row of it counts in the loss normaliser).
+    in_batch: False for dynamic sampling's all-masked stand-in (no row of it counts in the loss normaliser);
+    old_logp: [N, T] log pi_old recomputed by the policy before the updates (``grpo.old_logprobs`` recompute), filled
+    by ``grpo_step``; None = the sampler's ``comps.logprobs`` serve as log pi_old.
     """
 
     ctx: PromptContext
@@ -76,25 +93,32 @@ class Groups:
     refs: list[str]
     ref_logp: torch.Tensor | None = None
     in_batch: bool = True
+    old_logp: torch.Tensor | None = None
 
     def select(self, groups: torch.Tensor) -> "Groups":
         """Only the completions of the given prompt indices [K] (rows keep their order and their ``group``)."""
         rows = torch.isin(self.comps.group, groups.to(self.comps.group.device)).nonzero().flatten()
         return Groups(self.ctx, self.comps.select(rows), self.adv[rows], self.mask[rows],
-                      [self.refs[i] for i in rows.tolist()], None if self.ref_logp is None else self.ref_logp[rows])
+                      [self.refs[i] for i in rows.tolist()], None if self.ref_logp is None else self.ref_logp[rows],
+                      self.in_batch, None if self.old_logp is None else self.old_logp[rows])
 
 
 def grpo_step(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any, loss_cfg: LossConfig
               ) -> tuple[dict[str, float], list[tuple[str, str]]]:
-    """One GRPO step on ``batch``: sample scored groups, score them under the reference, mu policy updates.
+    """One GRPO step on ``batch``: sample scored groups, score them under the reference (and, with
+    ``grpo.old_logprobs`` resolved to recompute, under the policy itself: log pi_old), mu policy updates.
 
-    ``s`` is the recipe's session (``TrainSession``): cfg, policy, generator, dp_size, timer(name), autocast(),
+    ``s`` is the recipe's session (``TrainSession``): cfg, policy, generator, dp_size, bf16, timer(name), autocast(),
     next_batch() (dynamic sampling only), optimizer_step(). Returns (rank-local metrics, (hyp, ref) samples)."""
     groups, metrics = sample_groups(s, batch, reward_fn, ref)
     with s.timer("reference"):
         for gr in groups:
             if ref is not None and gr.ref_logp is None:
                 gr.ref_logp = reference_logprobs(ref, gr.ctx, gr.comps, s)
+    if resolve_old_logprobs(s.cfg.grpo, s.bf16) == "recompute":
+        with s.timer("old_logprobs"):
+            for gr in groups:
+                gr.old_logp = old_logprobs(s, gr)
     with s.timer("train"):
         metrics.update(policy_update(s, groups, loss_cfg))
     samples = [(gr.comps.texts[i], gr.refs[i]) for gr in groups for i in range(len(gr.comps))
@@ -229,6 +253,36 @@ def reference_logprobs(ref: Any, ctx: PromptContext, comps: Completions, s: Any)
     return torch.cat(parts)
 
 
+def score_microbatch(s: Any, gr: Groups, sl: slice, return_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's log-probs [n, T] (float32; + entropy [n, T]) of the completions ``gr.comps[sl]``: THE training
+    forward (sampling temperature, the session's autocast, the policy's current train/eval mode), shared by the
+    updates and the log pi_old recompute so both run identical computations."""
+    with s.autocast():
+        logp, entropy = s.policy.score(gr.ctx, gr.comps.token_ids[sl], gr.comps.group[sl],
+                                       temperature=s.cfg.grpo.temperature, return_entropy=return_entropy)
+    return logp.float(), entropy
+
+
+@torch.no_grad()
+def old_logprobs(s: Any, gr: Groups) -> torch.Tensor:
+    """log pi_old [N, T]: the policy's own score of ``gr`` before the updates, over the training forward's exact
+    micro-batches (``score_microbatch``), so that in the same precision the first ratio at mu = 1 is exactly 1."""
+    return torch.cat([score_microbatch(s, gr, sl)[0]
+                      for sl in microbatch_slices(len(gr.comps), s.cfg.trainer.micro_batch_size)])
+
+
+def logprob_mismatch(trainer_logp: torch.Tensor, gr: Groups, sl: slice) -> dict[str, torch.Tensor]:
+    """|sampler - trainer| log-prob [n, T] of ``gr``'s rows ``sl`` over their counted on-policy tokens (off-policy
+    members have no sampler), as ``reduce_metrics`` parts: ``rollout/num_tokens``, ``rollout/logprob_diff_mean``,
+    ``rollout/logprob_diff_max`` (0 when no token counts). ``trainer_logp``: the policy's, before any update."""
+    sel = gr.mask[sl] & ~gr.comps.off_policy[sl, None]
+    diff = torch.where(sel, (trainer_logp.detach().double() - gr.comps.logprobs[sl].double()).abs(), 0.0)
+    n = sel.sum()
+    return {"rollout/num_tokens": n.float(), "rollout/logprob_diff_mean": diff.sum() / n.clamp(min=1),
+            "rollout/logprob_diff_max": diff.amax() if diff.numel() else diff.new_zeros(())}
+
+
 def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[str, float]:
     """mu optimizer steps on one step's groups; each accumulates ``grpo_loss`` over micro-batches of every part.
 
@@ -236,6 +290,10 @@ def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[st
     micro-batching, refilled parts and data parallelism give the gradient of one pass over the global batch.
     ``Policy.optimizer_step`` AVERAGES gradients over DP ranks (the DDP convention), hence the global count divided
     by the DP size.
+
+    log pi_old: ``gr.old_logp`` when recomputed, else the sampler's ``comps.logprobs``; the sampler's log-probs also
+    feed the truncated importance weight (``loss_cfg.tis_cap``) and the mismatch metrics, which come from the
+    recompute pass or, without one, from the first update's forward (the policy before any update; no extra pass).
 
     No counted token anywhere (every group masked out by dynamic sampling or overlong masking): no update at all,
     since an AdamW step on zero gradients would still move the weights by momentum. The normaliser is global, so
@@ -247,21 +305,25 @@ def policy_update(s: Any, groups: list[Groups], loss_cfg: LossConfig) -> dict[st
     if float(counted) == 0:
         return {"train/loss": 0.0, "train/grad_norm": 0.0, "train/skipped_update": 1.0}
     parts, opt = [], {}
-    for _ in range(cfg.grpo.num_iterations):
+    mismatch = [logprob_mismatch(gr.old_logp, gr, slice(None)) for gr in groups if gr.old_logp is not None]
+    for it in range(cfg.grpo.num_iterations):
         for gr in groups:
             comps = gr.comps
+            old = comps.logprobs if gr.old_logp is None else gr.old_logp
             for sl in microbatch_slices(len(comps), cfg.trainer.micro_batch_size):
-                with s.autocast():
-                    logp, entropy = s.policy.score(gr.ctx, comps.token_ids[sl], comps.group[sl],
-                                                   temperature=cfg.grpo.temperature, return_entropy=True)
-                out = grpo_loss(logp.float(), comps.logprobs[sl], gr.adv[sl], gr.mask[sl], normalizer=normalizer,
-                                cfg=loss_cfg, ref_logp=None if gr.ref_logp is None else gr.ref_logp[sl],
-                                off_policy=comps.off_policy[sl], entropy=entropy)
+                logp, entropy = score_microbatch(s, gr, sl, return_entropy=True)
+                if it == 0 and gr.old_logp is None:  # the policy before any update: the mismatch at no extra cost
+                    mismatch.append(logprob_mismatch(logp, gr, sl))
+                out = grpo_loss(logp, old[sl], gr.adv[sl], gr.mask[sl], normalizer=normalizer, cfg=loss_cfg,
+                                ref_logp=None if gr.ref_logp is None else gr.ref_logp[sl],
+                                off_policy=comps.off_policy[sl], entropy=entropy, sampler_logp=comps.logprobs[sl])
                 out.loss.backward()
                 parts.append(out.metrics)
         opt = s.optimizer_step()
-    m = dp_reduce_metrics(reduce_metrics(parts), s.dp_size)
-    metrics = {f"loss/{k}": float(v) for k, v in m.items() if not k.endswith("num_sequences")}
+    m = dp_reduce_metrics({**reduce_metrics(parts), **reduce_metrics(mismatch)}, s.dp_size)
+    metrics = {f"loss/{k}": float(v) for k, v in m.items()
+               if not k.endswith("num_sequences") and not k.startswith("rollout/")}
+    metrics.update({k: float(m[k]) for k in ("rollout/logprob_diff_mean", "rollout/logprob_diff_max")})
     # the loss of one pass (parts hold mu passes over the same batch)
     metrics["train/loss"] = float(m["loss"]) / cfg.grpo.num_iterations
     metrics.pop("loss/loss", None)

@@ -126,12 +126,17 @@ def pick_device(spec: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast on GPU ("auto" or "bf16"); never on CPU, where it is slow and not what we validate."""
-    return device.type == "cuda" and precision in ("auto", "bf16")
+    """The effective precision: bf16 autocast for "bf16" on any device, for "auto" on GPU only (on CPU bf16 is
+    slow and changes sampling at rounding level, so "auto" stays fp32 there; "bf16" on CPU is what makes the bf16
+    numerics, e.g. the sampler/trainer log-prob mismatch, testable without a GPU); "fp32" never."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool, device: torch.device | str = "cuda") -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device``'s type (weights stay fp32 masters) when ``enabled``, else a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: int, **_groups) -> Policy:
@@ -150,7 +155,7 @@ def _build_hf(model_cfg: Any, *, device: torch.device, trainable: bool, seed: in
 def build_policy(model_cfg: Any, *, trainable: bool = True, seed: int = 0,
                  dist_timeout_minutes: float | None = None) -> Policy:
     """The one policy factory: ``model_cfg.backend`` -> a ``Policy``. ``trainable=False`` builds a frozen copy
-    (the KL reference, evaluation). Weights are fp32 masters; bf16 is autocast by the recipe on GPU.
+    (the KL reference, evaluation). Weights are fp32 masters; bf16 is autocast by the recipe (``use_bf16``).
     ``dist_timeout_minutes`` (``trainer.dist_timeout_minutes``) reaches backends that create process groups."""
     import importlib
 

@@ -89,7 +89,7 @@ class TrainSession:
         return next(self.train_data).to(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return runtime.autocast(self.bf16)
+        return runtime.autocast(self.bf16, self.device)
 
     @contextlib.contextmanager
     def timer(self, name: str):

@@ -45,8 +45,9 @@ def _batch(n=6, t=5, off_rows=(2,), seed=0, empty_rows=(4,)):
     return logp, old, ref, mask, adv, off
 
 
-def _reference_loss(logp, old, ref, mask, adv, off, cfg: LossConfig) -> float:
-    """Scalar float64 reference from the paper's Eqs. 2-4 and LUFFY's f(p) = p / (p + gamma)."""
+def _reference_loss(logp, old, ref, mask, adv, off, cfg: LossConfig, sampler=None) -> float:
+    """Scalar float64 reference from the paper's Eqs. 2-4 and LUFFY's f(p) = p / (p + gamma); with ``cfg.tis_cap``
+    the on-policy policy-gradient term times min(exp(old - sampler), cap) (TRL's token_truncate IS)."""
     n, t = logp.shape
     total, seq_terms = 0.0, []
     for i in range(n):
@@ -65,6 +66,8 @@ def _reference_loss(logp, old, ref, mask, adv, off, cfg: LossConfig) -> float:
                 s = math.exp(lp - float(old[i, j]))
                 lterm = min(s * a, min(max(s, 1 - cfg.epsilon), 1 + cfg.epsilon_high) * a)
                 w = s if cfg.kl_importance_correction else 1.0
+                if cfg.tis_cap is not None:
+                    lterm *= min(math.exp(float(old[i, j]) - float(sampler[i, j])), cfg.tis_cap)
             dlt = float(ref[i, j]) - lp
             k3 = math.exp(dlt) - dlt - 1
             acc += -(lterm - cfg.beta * w * k3)
@@ -255,6 +258,47 @@ def test_everything_stays_on_the_inputs_device():
     assert {v.device.type for v in reduce_metrics([out.metrics, out.metrics]).values()} == {"meta"}
 
 
+def _sampler(old, seed=5):
+    """Sampler log-probs near ``old`` (a bf16 / inference-engine mismatch), far enough that a cap of 1.2 bites."""
+    g = torch.Generator().manual_seed(seed)
+    return old + 0.3 * torch.randn(old.shape, generator=g, dtype=D)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_truncated_is_matches_scalar_reference(loss_type):
+    """tis_cap: only the on-policy policy-gradient term is weighted (not the KL, not off-policy rows)."""
+    logp, old, ref, mask, adv, off = _batch(off_rows=(1, 3))
+    sampler = _sampler(old)
+    cfg = LossConfig(epsilon=EPS, epsilon_high=EPS_HIGH, beta=0.04, loss_type=loss_type, tis_cap=1.2)
+    out = grpo_loss(logp, old, adv, mask, normalizer=loss_normalizer(mask, loss_type), cfg=cfg, ref_logp=ref,
+                    off_policy=off, sampler_logp=sampler)
+    want = _reference_loss(logp, old, ref, mask, adv, off, cfg, sampler)
+    assert abs(out.loss.item() - want) < 1e-12, (out.loss.item(), want)
+    plain = _reference_loss(logp, old, ref, mask, adv, off, LossConfig(epsilon=EPS, epsilon_high=EPS_HIGH, beta=0.04,
+                                                                       loss_type=loss_type))
+    assert abs(want - plain) > 1e-3  # the weights matter here
+    on = ~off[:, None] & mask
+    raw = torch.exp(old - sampler)
+    assert 0 < float(out.metrics["on/tis_clip_frac"]) < 1
+    assert float(out.metrics["on/tis_clip_frac"]) == pytest.approx(float((raw[on] > 1.2).double().mean()))
+    assert float(out.metrics["on/tis_weight_mean"]) == pytest.approx(float(raw[on].clamp(max=1.2).mean()))
+    assert "off/tis_weight_mean" not in out.metrics
+
+
+def test_truncated_is_weight_is_detached():
+    """The weight scales the gradient, it is not differentiated: at ratio 1 (mu = 1, recomputed log pi_old) the
+    gradient is -w * A * grad(logp) / |tokens|."""
+    logp, old, _, mask, adv, _ = _batch(off_rows=())
+    sampler = _sampler(logp)
+    lp = logp.clone().requires_grad_()
+    cfg = LossConfig(beta=0.0, tis_cap=1.2)
+    grpo_loss(lp, logp.clone(), adv, mask, normalizer=token_normalizer(mask), cfg=cfg,
+              sampler_logp=sampler).loss.backward()
+    w = torch.exp(logp - sampler).clamp(max=1.2)
+    torch.testing.assert_close(lp.grad, torch.where(mask, -w * adv[:, None] / mask.sum(), 0.0), rtol=1e-12,
+                               atol=1e-15)
+
+
 def test_input_and_config_errors():
     logp, old, ref, mask, adv, off = _batch()
     cfg = LossConfig()
@@ -269,8 +313,12 @@ def test_input_and_config_errors():
         grpo_loss(logp, old, adv[:, None], mask, normalizer=1, cfg=cfg, ref_logp=ref)
     with pytest.raises(ValueError, match="off_policy"):
         grpo_loss(logp, old, adv, mask, normalizer=1, cfg=cfg, ref_logp=ref, off_policy=off.long())
+    with pytest.raises(ValueError, match="sampler_logp"):
+        grpo_loss(logp, old, adv, mask, normalizer=1, cfg=LossConfig(beta=0.0, tis_cap=2.0))
+    with pytest.raises(ValueError, match="sampler_logp"):
+        grpo_loss(logp, old, adv, mask, normalizer=1, cfg=LossConfig(beta=0.0, tis_cap=2.0), sampler_logp=old[:1])
     for key, val in (("epsilon", -0.1), ("epsilon_high", -1.0), ("beta", -0.5), ("loss_type", "bnpo"),
-                     ("off_policy_shaping_gamma", 0.0)):
+                     ("off_policy_shaping_gamma", 0.0), ("tis_cap", 0.0)):
         with pytest.raises(ValueError, match=key):
             LossConfig(**{key: val})
     with pytest.raises(ValueError, match="epsilon_hi"):

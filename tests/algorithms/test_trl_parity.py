@@ -72,7 +72,7 @@ def tiny_dir(tmp_path_factory):
     return _tiny_dir(tmp_path_factory)
 
 
-def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False, scale_rewards="group"):
+def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False, scale_rewards="group", **extra):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -82,7 +82,7 @@ def _trainer(tiny_dir, tmp_path_factory, loss_type, reward, kl_correction=False,
         per_device_train_batch_size=len(PROMPTS) * G, num_generations=G, max_completion_length=8,
         beta=BETA, epsilon=EPS, epsilon_high=EPS_HIGH, loss_type=loss_type, save_strategy="no",
         model_init_kwargs={"dtype": torch.float64}, seed=0, bf16=False, fp16=False,
-        use_bias_correction_kl=kl_correction, scale_rewards=scale_rewards,
+        use_bias_correction_kl=kl_correction, scale_rewards=scale_rewards, **extra,
     )
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     ds = Dataset.from_dict({"prompt": PROMPTS})
@@ -205,3 +205,71 @@ def test_loss_and_grads_match_trl(rollout, tiny_dir, tmp_path_factory, loss_type
     for ours, theirs in [("on/kl", "kl"), ("on/clip_low", "clip_ratio/low_mean"),
                          ("on/clip_high", "clip_ratio/high_mean"), ("on/entropy", "entropy")]:
         assert abs(float(m[ours]) - trl_metrics[theirs]) < 1e-6, (ours, float(m[ours]), trl_metrics[theirs])
+
+
+CAP = 1.5  # truncated-IS cap: low enough that some of the perturbed sampler log-probs exceed it
+
+
+def test_truncated_importance_sampling_matches_trl(tiny_dir, tmp_path_factory):
+    """``grpo.tis_cap`` against TRL's own vLLM importance-sampling path (``vllm_importance_sampling_mode=
+    "token_truncate"``): TRL's ``_generate_and_score_completions`` recomputes log pi_old and forms its weights from
+    the sampler's log-probs, which here come from a stand-in inference engine (TRL's own sampler, its log-probs
+    replaced by perturbed values, as a bf16 or vLLM sampler's differ from the trainer's). ``truncated_is_weights``
+    must give TRL's weights; ``grpo_loss`` with ``tis_cap`` its loss and every gradient, KL term included (which TRL
+    does not weight)."""
+    from nemo_grpo.algorithms import truncated_is_weights
+
+    trainer = _trainer(tiny_dir, tmp_path_factory, "dapo", _RecordingReward(),
+                       vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=CAP)
+    sample = trainer._generate_single_turn
+    gen = torch.Generator().manual_seed(3)
+
+    def engine(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        trainer.use_vllm = False  # TRL's HF sampler draws the tokens ...
+        try:
+            completion_ids, _ = sample(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        finally:
+            trainer.use_vllm = True
+        # ... and the "engine" reports log-probs near the model's (a random tiny LM is near-uniform: ~ -log V)
+        logps = [(-5.7 + 0.4 * torch.randn(len(c), generator=gen, dtype=torch.float64)).tolist()
+                 for c in completion_ids]
+        return completion_ids, logps
+
+    trainer._generate_single_turn = engine
+    trainer.use_vllm = True  # TRL's vLLM-only branches: recompute log pi_old, importance weights, loss weighting
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(G)])
+    mask = out["completion_mask"].bool()
+    old, sampler = out["old_per_token_logps"], out["sampling_per_token_logps"]
+
+    w, clipped = truncated_is_weights(torch.where(mask, old, 0.0), torch.where(mask, sampler, 0.0), CAP)
+    torch.testing.assert_close(w, out["importance_sampling_ratio"], atol=1e-12, rtol=1e-12)
+    assert 0 < clipped[mask].float().mean() < 1 and w[mask].min() < 1  # both sides of the cap exercised
+
+    gen_adv = torch.Generator().manual_seed(4)
+    adv = torch.randn(mask.shape[0], generator=gen_adv, dtype=torch.float64)
+    ref = (old + 0.3 * torch.randn(old.shape, generator=gen_adv, dtype=torch.float64)) * mask
+    inputs = {**out, "advantages": adv, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+    model = trainer.model
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(model, inputs)
+    trl_loss.backward()
+    trl_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    model.zero_grad()
+    input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    logp, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attn, out["completion_ids"].shape[1],
+                                                            compute_entropy=True)
+    cfg = LossConfig(epsilon=EPS, epsilon_high=EPS_HIGH, beta=BETA, loss_type="dapo", tis_cap=CAP)
+    res = grpo_loss(logp, old, adv, mask, normalizer=loss_normalizer(mask, "dapo"), cfg=cfg, ref_logp=ref,
+                    sampler_logp=sampler)
+    res.loss.backward()
+    # TRL forms its weights in float32 (its log-probs are float32), grpo_loss in float64 (the advantages' dtype): they
+    # agree to float32 rounding of w (the same comparison without tis_cap agrees to 1e-12)
+    torch.testing.assert_close(res.loss, trl_loss.detach(), atol=1e-8, rtol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, trl_grads[k], atol=1e-8, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert max(g.abs().max() for g in trl_grads.values()) > 1e-3
+    assert float(res.metrics["on/tis_clip_frac"]) == pytest.approx(float(clipped[mask].float().mean()))
+    assert float(res.metrics["on/tis_weight_mean"]) == pytest.approx(float(w[mask].mean()))

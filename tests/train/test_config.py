@@ -79,3 +79,46 @@ def test_hydra_composition_and_overrides(tmp_path):
         load_config(os.path.join(d, "recipe.yaml"), ["model=nonexistent"])
     with pytest.raises(ValueError, match="not key=value"):
         load_config(os.path.join(d, "recipe.yaml"), ["trainer.max_steps"])
+
+
+@pytest.mark.parametrize("precision,device,want", [
+    ("auto", "cpu", "sampled"), ("auto", "cuda", "recompute"), ("fp32", "cpu", "sampled"),
+    ("fp32", "cuda", "sampled"), ("bf16", "cpu", "recompute"), ("bf16", "cuda", "recompute"),
+])
+def test_old_logprobs_auto_follows_the_effective_precision(precision, device, want):
+    """grpo.old_logprobs auto: recompute under bf16 (model.precision bf16 anywhere, auto on GPU), else sampled;
+    an explicit choice is kept whatever the precision."""
+    import torch
+
+    from nemo_grpo.train.config import resolve_old_logprobs
+    from nemo_grpo.train.runtime import use_bf16
+
+    cfg = validate({"model": {"path": "/x", "precision": precision}})
+    assert cfg.grpo.old_logprobs == "auto" and cfg.grpo.tis_cap is None
+    bf16 = use_bf16(precision, torch.device(device))
+    assert resolve_old_logprobs(cfg.grpo, bf16) == want
+    for mode in ("sampled", "recompute"):
+        assert resolve_old_logprobs(validate({**BASE, "grpo": {"old_logprobs": mode}}).grpo, bf16) == mode
+
+
+def test_tis_cap_needs_recompute(tmp_path):
+    """grpo.tis_cap weights by the trainer's log-prob before the update over the sampler's: without a recompute pass
+    there is none. Explicit sampled fails at validation; auto resolved to sampled (fp32) when training starts,
+    before any model is built."""
+    from nemo_grpo.train.config import resolve_old_logprobs
+    from nemo_grpo.train.grpo import train_grpo
+
+    with pytest.raises(ValueError, match="'grpo.tis_cap'"):
+        validate({**BASE, "grpo": {"old_logprobs": "sampled", "tis_cap": 2.0}})
+    with pytest.raises(ValueError, match="'grpo.tis_cap'"):
+        validate({**BASE, "grpo": {"tis_cap": 0.0}})
+    with pytest.raises(ValueError, match="'grpo.old_logprobs'"):
+        validate({**BASE, "grpo": {"old_logprobs": "vllm"}})
+    auto = validate({**BASE, "grpo": {"tis_cap": 2.0}}).grpo
+    assert resolve_old_logprobs(auto, bf16=True) == "recompute"
+    with pytest.raises(ValueError, match="'grpo.tis_cap'"):
+        resolve_old_logprobs(auto, bf16=False)
+    fp32 = validate({"model": {"path": str(tmp_path / "never_built"), "precision": "fp32"},
+                     "grpo": {"tis_cap": 2.0}})
+    with pytest.raises(ValueError, match="'grpo.tis_cap'"):
+        train_grpo(fp32)

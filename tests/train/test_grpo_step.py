@@ -11,6 +11,7 @@ import torch
 from nemo_grpo.policy.hf import HFGraniteSpeechPolicy
 from nemo_grpo.policy.inputs import build_prompt_batch
 from nemo_grpo.rewards import build_reward
+from nemo_grpo.train import runtime
 from nemo_grpo.train.config import validate
 from nemo_grpo.train.grpo import grpo_step, loss_config
 from nemo_grpo.train.session import TrainSession
@@ -30,7 +31,9 @@ class StepHarness:
 
     def __init__(self, cfg, policy, batches):
         self.cfg, self.policy = cfg, policy
-        self.dp_size, self.bf16, self.opt_step, self.total_opt_steps = 1, False, 0, 10
+        self.dp_size, self.opt_step, self.total_opt_steps = 1, 0, 10
+        self.device = torch.device("cpu")
+        self.bf16 = runtime.use_bf16(cfg.model.precision, self.device)  # "bf16" autocasts on CPU too
         self.generator = torch.Generator().manual_seed(0)
         self.timers = {}
         self._stream, self.drawn = iter(batches), 0

@@ -120,3 +120,20 @@ def test_metrics_logger_tensorboard_png_and_resume_truncation(tmp_path):
     # a resume from step 2 drops what the killed run logged after its checkpoint
     MetricsLogger(str(tmp_path), LoggingConfig(tensorboard=False, progress_bar=False), start_step=2).close(plot=False)
     assert [r["step"] for r in lg.history()] == [1, 2]
+
+
+def test_bf16_precision_autocasts_on_cpu_and_auto_stays_fp32():
+    """model.precision bf16 autocasts on CPU too (what makes bf16 numerics testable without a GPU); auto is bf16 on
+    GPU only; fp32 never."""
+    from nemo_grpo.train.runtime import autocast, use_bf16
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert use_bf16("bf16", cpu) and use_bf16("bf16", gpu) and use_bf16("auto", gpu)
+    assert not use_bf16("auto", cpu) and not use_bf16("fp32", cpu) and not use_bf16("fp32", gpu)
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with autocast(use_bf16("bf16", cpu), cpu):
+        assert lin(x).dtype == torch.bfloat16
+    with autocast(use_bf16("auto", cpu), cpu):
+        assert lin(x).dtype == torch.float32
+    assert lin.weight.dtype == torch.float32  # fp32 master weights either way
