@@ -136,7 +136,7 @@ def sample_groups(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any = None
     rollouts per step. Still short after that, the step trains on the groups it found; if it found none, it returns
     the last round with every token masked (``policy_update`` then skips the update). The reference log-probs are
     then computed by ``grpo_step`` for the kept groups only."""
-    cfg, g = s.cfg, s.cfg.grpo
+    g = s.cfg.grpo
     if not g.dynamic_sampling:
         everything, info = sample_round(s, batch, reward_fn, ref)
         return [everything], {**rollout_stats([info]), **group_stats([everything])}
