@@ -59,7 +59,7 @@ def train_grpo(cfg: TrainConfig) -> dict[str, Any]:
     from nemo_grpo.rewards import build_reward
 
     # a bad grpo.old_logprobs / grpo.tis_cap combination fails here, before any model is built
-    resolve_old_logprobs(cfg.grpo, runtime.use_bf16(cfg.model.precision, runtime.pick_device(cfg.model.device)))
+    resolve_old_logprobs(cfg.grpo, runtime.bf16_numerics(cfg.model, runtime.pick_device(cfg.model.device)))
     s = TrainSession(cfg, opt_steps_per_step=cfg.grpo.num_iterations)
     reward_fn = build_reward(cfg.reward)
     loss_cfg = loss_config(cfg)
@@ -115,7 +115,7 @@ def grpo_step(s: Any, batch: PromptBatch, reward_fn: Any, ref: Any, loss_cfg: Lo
         for gr in groups:
             if ref is not None and gr.ref_logp is None:
                 gr.ref_logp = reference_logprobs(ref, gr.ctx, gr.comps, s)
-    if resolve_old_logprobs(s.cfg.grpo, s.bf16) == "recompute":
+    if resolve_old_logprobs(s.cfg.grpo, runtime.bf16_numerics(s.cfg.model, s.device)) == "recompute":
         with s.timer("old_logprobs"):
             for gr in groups:
                 gr.old_logp = old_logprobs(s, gr)

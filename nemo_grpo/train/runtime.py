@@ -132,6 +132,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def bf16_numerics(model_cfg: Any, device: torch.device) -> bool:
+    """True when the policy computes in bf16: bf16 autocast (``use_bf16``) or bf16 parameters
+    (``model.backend_options.params_dtype: bf16``, the 8B megatron recipes). What ``grpo.old_logprobs: auto``
+    keys on: in bf16 the sampler's log-probs differ from the training pass's."""
+    params_bf16 = (getattr(model_cfg, "backend_options", None) or {}).get("params_dtype") == "bf16"
+    return use_bf16(model_cfg.precision, device) or params_bf16
+
+
 def autocast(enabled: bool, device: torch.device | str = "cuda") -> contextlib.AbstractContextManager:
     """bfloat16 autocast on ``device``'s type (weights stay fp32 masters) when ``enabled``, else a no-op."""
     if not enabled:

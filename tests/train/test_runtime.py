@@ -137,3 +137,20 @@ def test_bf16_precision_autocasts_on_cpu_and_auto_stays_fp32():
     with autocast(use_bf16("auto", cpu), cpu):
         assert lin(x).dtype == torch.float32
     assert lin.weight.dtype == torch.float32  # fp32 master weights either way
+
+
+def test_bf16_params_count_as_bf16_numerics_for_old_logprobs():
+    """The 8B megatron recipes keep bf16 parameters with model.precision auto: on CPU no autocast runs, yet the
+    sampler and trainer compute in bf16, so grpo.old_logprobs auto must recompute there."""
+    from types import SimpleNamespace
+
+    from nemo_grpo.train.config import GRPOConfig, resolve_old_logprobs
+    from nemo_grpo.train.runtime import bf16_numerics
+
+    cpu = torch.device("cpu")
+    bf16_params = SimpleNamespace(precision="auto", backend_options={"params_dtype": "bf16"})
+    fp32 = SimpleNamespace(precision="auto", backend_options={})
+    assert bf16_numerics(bf16_params, cpu) and not bf16_numerics(fp32, cpu)
+    assert bf16_numerics(SimpleNamespace(precision="bf16", backend_options=None), cpu)
+    assert resolve_old_logprobs(GRPOConfig(), bf16_numerics(bf16_params, cpu)) == "recompute"
+    assert resolve_old_logprobs(GRPOConfig(), bf16_numerics(fp32, cpu)) == "sampled"
