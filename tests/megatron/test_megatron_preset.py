@@ -46,5 +46,8 @@ def test_released_projector_dropout_would_break_parity(run):
 def test_8b_preset_loads_scores_and_exports(run):
     r = run["p8b"]
     assert r["lora_merged"] and r["logprob"] < TOL
-    assert r["export_logprob"] < TOL  # the exported HF dir reloads in the HF backend with the same log-probs
+    # the export is the policy in the checkpoint's dtype: exactly its weights rounded to bf16 (the fp32 merge of
+    # the audio LoRA rounds too), so the HF backend reloading it scores within bf16 rounding (measured 2.1e-4)
+    assert r["export_dtype"] == "torch.bfloat16" and r["export_weights_vs_policy"] == 0.0
+    assert r["export_logprob"] < 1e-3
     assert r["export_pad_is_eos"] and r["export_vocab"] == 49160  # the checkpoint's tokenizer, unchanged

@@ -12,7 +12,8 @@ Sections:
           gradients vs HFGraniteSpeechPolicy; greedy tokens vs HF; sampling-time log-probs vs its own scoring of
           the same tokens (left-padded prompts of different lengths); negative control: the
           released projector dropouts switched back on move the log-probs far beyond the tolerance.
-  p8b     TP=2: load, score vs HF, export a HF dir, reload it in the HF backend: same log-probs.
+  p8b     TP=2: load, score vs HF, export a HF dir (streamed, bf16 as the checkpoint): every exported tensor is the
+          policy's, rounded to bf16; the HF backend reloading it scores within bf16 rounding of the policy.
 """
 from __future__ import annotations
 
@@ -110,9 +111,19 @@ def preset_8b(model_dir, work, batch, ids, mask, group) -> dict:
         lp, _ = pol.score(pol.encode(batch), ids, group, temperature=0.7)
     res = {"logprob": masked_max(lp, ref["lp"], mask), "lora_merged": pol.lora_merged}
     out = os.path.join(work, "export_8b")
-    pol.save_pretrained(out)
+    pol.save_pretrained(out)  # streamed, in the checkpoint's dtype (bf16)
+    state = pol.state_dict()  # TP-gathered fp32 weights, HF names (test only)
     del pol
     gc.collect()
+    if C.rank() == 0:
+        from nemo_grpo.policy.megatron import hf_io
+
+        exported = hf_io.CheckpointReader(out, lora={})
+        with exported:
+            res["export_dtype"] = str(exported.read(next(iter(state))).dtype)
+            res["export_weights_vs_policy"] = max(
+                float((exported.read(k).float() - v.to(torch.bfloat16).float()).abs().max()) for k, v in state.items())
+    del state
     hf = HFGraniteSpeechPolicy.from_pretrained(out)
     with torch.no_grad():
         lp_hf, _ = hf.score(hf.encode(batch), ids, group, temperature=0.7)

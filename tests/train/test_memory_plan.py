@@ -119,8 +119,9 @@ def test_8b_plan_shards_over_tp_and_dp():
     assert p8.item("optimizer (Adam)").nbytes == pytest.approx(p4.item("optimizer (Adam)").nbytes / 2)
     assert p8.item("weights").nbytes == p4.item("weights").nbytes
     # the LLM is split over TP: one rank holds ~1/4 of it plus the replicated encoder/projector
-    llm_rank = p4.item("weights").nbytes - 4 * (shapes.encoder_params + shapes.projector_params)
-    assert llm_rank == pytest.approx(4 * shapes.llm_params / 4)
+    width = 2 if cfg.model.backend_options.get("params_dtype") == "bf16" else 4  # bytes per weight
+    llm_rank = p4.item("weights").nbytes - width * (shapes.encoder_params + shapes.projector_params)
+    assert llm_rank == pytest.approx(width * shapes.llm_params / 4)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         plan_memory(shapes, cfg, 6)
 
